@@ -1,0 +1,1 @@
+"""INT8 calibration (explicit Q/DQ): sample data, calibrators, cache, report."""

@@ -1,0 +1,84 @@
+"""Bundle stage: a folder with the graphs, tokenizer and manifest.json, made in a
+temporary sibling folder and renamed into place, so a failed compile leaves no
+half bundle behind."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastertrt.errors import OutputExistsError
+from fastertrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_entries
+
+# Config keys that change with the tool that saved the file, not the model.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def config_digest(config: dict) -> str:
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(stable, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@contextlib.contextmanager
+def staging(out: Path, overwrite: bool = False):
+    """Yield a temporary folder next to `out`; on success it becomes `out`."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it, or pick another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_tokenizer(tokenizer, stage: Path) -> dict | None:
+    """Save a transformers tokenizer; the runtime needs its tokenizer.json."""
+    if tokenizer is None:
+        return None
+    folder = stage / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return {
+        "file": "tokenizer/tokenizer.json",
+        "pad_token_id": tokenizer.pad_token_id,
+        "model_max_length": int(min(getattr(tokenizer, "model_max_length", 1 << 30), 1 << 30)),
+    }
+
+
+def write_manifest(stage: Path, manifest: dict) -> dict:
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
+    manifest["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest["files"] = file_entries(stage)
+    tmp = stage / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, stage / MANIFEST_NAME)
+    return manifest
+
+
+def graph_entry(graph, root: Path) -> dict:
+    return {
+        "file": graph.path.relative_to(root).as_posix(),
+        "files": [p.relative_to(root).as_posix() for p in graph.files],
+        "opset": graph.opset,
+        "inputs": graph.inputs,
+        "outputs": graph.outputs,
+    }

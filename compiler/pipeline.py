@@ -1,0 +1,146 @@
+"""compile: model -> export -> bundle. Later stages (rewrite, calibrate, build)
+slot in between export and bundle."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from fastertrt import __version__
+from fastertrt.compiler.bundle import config_digest, graph_entry, save_tokenizer, staging, write_manifest
+from fastertrt.compiler.models import ModelSource, from_loaded, resolve
+from fastertrt.errors import MissingDependencyError
+from fastertrt.progress import quiet
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def require_compile_deps() -> None:
+    missing = [m for m in ("torch", "transformers", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"compiling needs {', '.join(missing)}, which this Python lacks. Install the compiler: "
+            f"pip install torch==2.13.0 && pip install 'fastertrt[compile,models]'"
+        )
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"fastertrt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _token_ids(model, tokenizer) -> dict:
+    gen = getattr(model, "generation_config", None)
+    cfg = model.config
+
+    def first(*vals):
+        return next((v for v in vals if v is not None), None)
+
+    eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None))
+    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
+                getattr(tokenizer, "pad_token_id", None), eos[0] if eos else None)
+    bos = first(getattr(gen, "bos_token_id", None), getattr(cfg, "bos_token_id", None))
+    return {"eos_token_id": eos, "pad_token_id": None if pad is None else int(pad),
+            "bos_token_id": None if bos is None else int(bos)}
+
+
+def _max_length(model, source: ModelSource, family, pooling, tokenizer) -> int:
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20) - family.position_offset
+    if pooling and pooling.get("max_seq_length"):
+        limit = min(limit, int(pooling["max_seq_length"]))
+    return limit
+
+
+def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool = True,
+                  overwrite: bool = False, tokenizer=None, progress=None) -> Path:
+    """Compile a shipped model name, a Hugging Face folder, or a loaded
+    transformers model into a bundle folder at `output`. Returns its path."""
+    progress = progress or quiet()
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    source = resolve(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else from_loaded(model)
+    family = source.family  # unknown families fail here, before any heavy loading
+    require_compile_deps()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    with progress.step(f"load {source.ref} ({family.name} {family.kind}, attention={attn_implementation})"):
+        if source.kind == "module":
+            torch_model = model.eval()
+            torch_model.config._attn_implementation = attn_implementation
+        else:
+            torch_model = source.load_torch(attn_implementation)
+            tokenizer = tokenizer or source.load_tokenizer()
+    pooling = source.sentence_pooling() if family.kind == "encoder" else None
+
+    with staging(Path(output), overwrite) as stage:
+        if family.kind == "encoder":
+            from fastertrt.compiler.export import export_encoder
+
+            result = export_encoder(torch_model, stage, pooling, parity, attn_implementation, progress)
+        else:
+            from fastertrt.compiler.export import export_decoder
+
+            result = export_decoder(torch_model, stage, parity, attn_implementation, progress)
+        if result.parity is not None:
+            progress.info(f"  export parity (ONNX Runtime vs torch, valid positions): max abs diff {result.parity.worst:.3g}")
+            result.parity.check(f"export of {source.ref}")
+        tok = save_tokenizer(tokenizer, stage)
+        model_info = {
+            "family": family.name,
+            "model_type": source.model_type,
+            "source": source.to_json(),
+            "config_sha256": config_digest(source.config),
+            "max_length": _max_length(torch_model, source, family, pooling, tokenizer),
+            **result.info,
+        }
+        if family.kind == "decoder":
+            model_info.update(_token_ids(torch_model, tokenizer))
+        manifest = write_manifest(stage, {
+            "fastertrt_version": __version__,
+            "kind": result.kind,
+            "model": model_info,
+            "graphs": {g.name: graph_entry(g, stage) for g in result.graphs},
+            "tokenizer": tok,
+            "export": {
+                "exporter": "torch.onnx dynamo",
+                "attn_implementation": attn_implementation,
+                "versions": _versions(),
+                "parity": result.parity.to_json() if result.parity else None,
+            },
+        })
+    out = Path(output).resolve()
+    size = sum(e["bytes"] for e in manifest["files"].values())
+    progress.info(f"bundle written: {out} ({len(manifest['files'])} files, {size / 1e6:.1f} MB)")
+    return out
+
+
+def compile_module(module, example_inputs: dict, output, output_names=None, dynamic_axes=None,
+                   parity: bool = True, overwrite: bool = False, progress=None) -> Path:
+    """Compile a plain nn.Module given example inputs (name -> tensor, in forward
+    order). The bundle loads as a `ModuleRunner` with run(**arrays)."""
+    from fastertrt.compiler.export import export_module
+
+    progress = progress or quiet()
+    require_compile_deps()
+    with staging(Path(output), overwrite) as stage:
+        result = export_module(module.eval(), example_inputs, stage, output_names, dynamic_axes, parity, progress)
+        if result.parity is not None:
+            result.parity.check(f"export of {type(module).__name__}")
+        write_manifest(stage, {
+            "fastertrt_version": __version__,
+            "kind": "module",
+            "model": {"family": "module", "source": {"kind": "module", "ref": type(module).__name__}, **result.info},
+            "graphs": {g.name: graph_entry(g, stage) for g in result.graphs},
+            "tokenizer": None,
+            "export": {"exporter": "torch.onnx dynamo", "versions": _versions(),
+                       "parity": result.parity.to_json() if result.parity else None},
+        })
+    return Path(output).resolve()

@@ -1,0 +1,65 @@
+"""Named errors raised by fastertrt's stages.
+
+Each message says what was expected, what was found and what to do. The CLI
+prints them without a traceback; the Python API lets them propagate.
+"""
+
+
+class FastertrtError(Exception):
+    """Base class of every error fastertrt raises on purpose."""
+
+
+# --- model input -------------------------------------------------------------
+class ModelError(FastertrtError):
+    """The model to compile cannot be used."""
+
+
+class UnknownModelFamilyError(ModelError):
+    """The model's architecture is not one fastertrt knows how to export."""
+
+
+class NotAModelError(ModelError):
+    """A path was given that is not a Hugging Face model folder."""
+
+
+class ModelPackageMissingError(ModelError):
+    """A shipped model was named but its package is not installed."""
+
+
+# --- export ------------------------------------------------------------------
+class ExportError(FastertrtError):
+    """torch.onnx export failed or gave a graph fastertrt cannot use."""
+
+
+class ParityError(ExportError):
+    """ONNX Runtime and torch disagree beyond the tolerance on the same inputs."""
+
+
+class MissingDependencyError(FastertrtError):
+    """An optional package needed for this step is not installed."""
+
+
+# --- bundle ------------------------------------------------------------------
+class BundleError(FastertrtError):
+    """A bundle folder cannot be loaded."""
+
+
+class BundleNotFoundError(BundleError):
+    """The path is not a bundle (no manifest.json)."""
+
+
+class BundleIntegrityError(BundleError):
+    """A file listed in the manifest is missing or its hash changed."""
+
+
+class BundleSchemaError(BundleError):
+    """The manifest's schema is newer than this fastertrt, or malformed."""
+
+
+# --- runtime inputs ------------------------------------------------------------
+class InputError(FastertrtError, ValueError):
+    """Inputs given to the runtime have the wrong type, rank, dtype or range."""
+
+
+class OutputExistsError(FastertrtError):
+    """The output path exists and overwriting was not asked for."""

@@ -1,0 +1,29 @@
+"""The one tolerance table, shared by tests, export parity, `compare` and reports.
+
+Keyed by (stage, precision). `atol` bounds the max abs difference against the
+previous stage's output on valid (unpadded) positions.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float = 0.0
+    min_cosine: float = 0.0
+
+
+TOLERANCES = {
+    ("export", "fp32"): Tolerance(atol=1e-4, min_cosine=0.99999),
+    ("rewrite", "fp32"): Tolerance(atol=1e-5, min_cosine=0.999999),
+    ("runtime", "fp32"): Tolerance(atol=1e-4, min_cosine=0.99999),
+}
+
+
+def tolerance(stage: str, precision: str = "fp32") -> Tolerance:
+    try:
+        return TOLERANCES[(stage, precision)]
+    except KeyError:
+        known = ", ".join(f"{s}/{p}" for s, p in sorted(TOLERANCES))
+        raise KeyError(f"no tolerance for stage {stage!r} at {precision!r}; known: {known}") from None

@@ -1,0 +1,88 @@
+"""The bundle manifest: schema, reading, and integrity checks.
+
+Shared by the compiler (which writes it) and the runtime (which checks it), so
+it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from fastertrt.errors import BundleIntegrityError, BundleNotFoundError, BundleSchemaError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KINDS = ("encoder", "decoder", "module")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(root: Path) -> dict:
+    """Every file under root except the manifest: relative path -> sha256 + size."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def read_manifest(bundle: Path) -> dict:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        what = "does not exist" if not bundle.exists() else "has no manifest.json"
+        raise BundleNotFoundError(
+            f"{str(bundle)!r} {what}, so it is not a fastertrt bundle. "
+            f"Create one with: fastertrt compile MODEL -o {bundle}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleSchemaError(f"{path} is not valid JSON ({exc}); recompile the bundle") from exc
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleSchemaError(f"{path} has no integer schema_version; it was not written by fastertrt")
+    if version > SCHEMA_VERSION:
+        raise BundleSchemaError(
+            f"bundle schema {version} is newer than this fastertrt understands (schema {SCHEMA_VERSION}, "
+            f"fastertrt {_version()}); the bundle was written by fastertrt "
+            f"{manifest.get('fastertrt_version', '?')}. Upgrade fastertrt (pip install -U fastertrt) "
+            f"or recompile the model with this version."
+        )
+    for key in ("kind", "graphs", "files", "model"):
+        if key not in manifest:
+            raise BundleSchemaError(f"{path} lacks the {key!r} entry; recompile the bundle")
+    if manifest["kind"] not in KINDS:
+        raise BundleSchemaError(f"{path}: unknown bundle kind {manifest['kind']!r}, expected one of {KINDS}")
+    return manifest
+
+
+def verify_files(bundle: Path, manifest: dict) -> None:
+    """Every listed file exists with its recorded sha256."""
+    bundle = Path(bundle)
+    problems = []
+    for rel, entry in manifest["files"].items():
+        p = bundle / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+            problems.append(f"{rel} was changed (sha256 differs from the manifest)")
+    if problems:
+        raise BundleIntegrityError(
+            f"bundle {str(bundle)!r} is damaged: " + "; ".join(problems)
+            + ". Recompile it (fastertrt compile ... -o BUNDLE --force) or copy it again from its source."
+        )
+
+
+def _version() -> str:
+    from fastertrt import __version__
+
+    return __version__

@@ -1,0 +1,180 @@
+"""The `fastertrt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from fastertrt import __version__
+from fastertrt.errors import FastertrtError
+
+EPILOG_COMPILE = """\
+examples:
+  fastertrt compile minilm -o minilm.bundle            # the shipped MiniLM sentence encoder
+  fastertrt compile smollm2 -o smollm2.bundle          # the shipped SmolLM2-135M decoder
+  fastertrt compile ./my-bert-folder -o bert.bundle --attn-implementation eager
+"""
+EPILOG_RUN = """\
+examples:
+  fastertrt run minilm.bundle --text "TensorRT makes transformers fast." --text "Another sentence."
+  fastertrt run minilm.bundle --ids 101,7592,102
+  fastertrt run smollm2.bundle --prompt "The capital of France is" --max-new-tokens 16
+"""
+EPILOG_INSPECT = """\
+examples:
+  fastertrt inspect minilm.bundle
+  fastertrt inspect minilm.bundle --json
+"""
+EPILOG_BENCH = """\
+examples:
+  fastertrt bench minilm.bundle -o bench-minilm.json
+  fastertrt bench smollm2.bundle --new-tokens 32 --repeats 3
+  fastertrt bench minilm.bundle --batch 1 --seq 64 --no-torch
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastertrt",
+        description="Compile PyTorch transformers into deployable bundles (ONNX today; TensorRT engines "
+                    "and plugins as the later stages land) and run them without torch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `fastertrt COMMAND --help` for each command's options and examples.",
+    )
+    p.add_argument("--version", action="version", version=f"fastertrt {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    c = sub.add_parser("compile", help="export a model to a bundle", epilog=EPILOG_COMPILE, formatter_class=fmt,
+                       description="Export a model (shipped name: minilm, smollm2; or a Hugging Face folder) to "
+                                   "ONNX with dynamic batch/sequence (and KV cache for decoders), check it "
+                                   "against torch on ONNX Runtime, and write a bundle folder.")
+    c.add_argument("model", help="shipped model name (minilm, smollm2) or a Hugging Face model folder")
+    c.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    c.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
+                   help="attention implementation to load the torch model with (default: sdpa)")
+    c.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs torch check")
+    c.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    r = sub.add_parser("run", help="run a bundle on text or token ids", epilog=EPILOG_RUN, formatter_class=fmt,
+                       description="Load a bundle with the thin runtime (no torch) and run it: encoders print "
+                                   "embeddings, decoders generate text greedily.")
+    r.add_argument("bundle")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", "--prompt", action="append", dest="text", help="input text (repeat for a batch)")
+    src.add_argument("--ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="decoders: tokens to generate (default 32)")
+    r.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    r.add_argument("--json", action="store_true", help="print the outputs as JSON")
+
+    i = sub.add_parser("inspect", help="show what a bundle holds", epilog=EPILOG_INSPECT, formatter_class=fmt,
+                       description="Print a bundle's model, graphs (I/O names, dtypes, dynamic dims), files and "
+                                   "export parity, after checking its manifest and file hashes.")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    b = sub.add_parser("bench", help="time the bundle against torch", epilog=EPILOG_BENCH, formatter_class=fmt,
+                       description="Time torch eager (when installed) and the bundle on ONNX Runtime on the same "
+                                   "inputs, each in its own process (for a fair peak RSS): encoder latency per "
+                                   "batch size, decoder greedy tokens/s. Prints a table and writes JSON.")
+    b.add_argument("bundle")
+    b.add_argument("-o", "--output", default=None, help="JSON file to write (default: BUNDLE/../bench-NAME.json)")
+    b.add_argument("--batch", type=int, action="append", help="encoder batch sizes (default: 1 and 8)")
+    b.add_argument("--seq", type=int, default=128, help="encoder sequence length (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="decoder: new tokens per generation (default 32)")
+    b.add_argument("--prompt-len", type=int, default=16, help="decoder: prompt tokens (default 16)")
+    b.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 encoder, 3 decoder)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
+    b.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
+    b.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"compile": _compile, "run": _run, "inspect": _inspect, "bench": _bench}[args.command](args)
+    except FastertrtError as exc:
+        print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _compile(args) -> int:
+    from fastertrt.compiler import compile_model
+    from fastertrt.progress import Progress
+
+    progress = Progress(enabled=not args.quiet)
+    progress.info(f"fastertrt compile {args.model} -> {args.output}")
+    compile_model(args.model, args.output, attn_implementation=args.attn_implementation,
+                  parity=not args.no_parity, overwrite=args.force, progress=progress)
+    return 0
+
+
+def _run(args) -> int:
+    import numpy as np
+
+    from fastertrt.runtime import Decoder, Encoder, load
+
+    model = load(args.bundle, threads=args.threads)
+    if args.text:
+        inputs = args.text
+    else:
+        try:
+            inputs = [[int(x) for x in row.replace(" ", "").split(",") if x] for row in args.ids]
+        except ValueError as exc:
+            from fastertrt.errors import InputError
+
+            raise InputError(f"--ids takes comma-separated integers, e.g. --ids 101,7592,102 ({exc})") from None
+    if isinstance(model, Encoder):
+        out = model.encode(inputs)
+        key = "sentence_embedding" if "sentence_embedding" in out else "last_hidden_state"
+        if args.json:
+            print(json.dumps({k: v.tolist() for k, v in out.items()}))
+            return 0
+        for k, v in out.items():
+            print(f"{k}: shape {list(v.shape)} dtype {v.dtype}")
+        emb = out[key]
+        for i, row in enumerate(emb):
+            vec = row if row.ndim == 1 else row[0]
+            head = ", ".join(f"{x:+.4f}" for x in vec[:6])
+            print(f"[{i}] {key}{'' if row.ndim == 1 else '[0]'} = [{head}, ...]  (norm {np.linalg.norm(vec):.4f})")
+        return 0
+    if isinstance(model, Decoder):
+        gen = model.generate(inputs, max_new_tokens=args.max_new_tokens)
+        if args.json:
+            print(json.dumps({"new_tokens": gen.new_tokens, "texts": gen.texts}))
+            return 0
+        for i, toks in enumerate(gen.new_tokens):
+            prompt = args.text[i] if args.text else args.ids[i]
+            print(f"[{i}] {prompt!s}")
+            print(f"    -> {gen.texts[i]!r}" if gen.texts else f"    -> ids {toks}")
+        return 0
+    print("module bundles are run from Python: fastertrt.load(bundle).run(**arrays)", file=sys.stderr)
+    return 2
+
+
+def _inspect(args) -> int:
+    from fastertrt.tools.inspect import describe
+
+    text, manifest = describe(args.bundle)
+    print(json.dumps(manifest, indent=2) if args.json else text)
+    return 0
+
+
+def _bench(args) -> int:
+    from fastertrt.tools.bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

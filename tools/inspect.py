@@ -1,0 +1,48 @@
+"""`fastertrt inspect`: a bundle's contents as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastertrt.runtime.manifest import read_manifest, verify_files
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def describe(bundle) -> tuple[str, dict]:
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    verify_files(bundle, m)
+    info = m["model"]
+    lines = [f"bundle   {bundle.resolve()}",
+             f"schema   {m['schema_version']} (fastertrt {m.get('fastertrt_version')}, created {m.get('created_utc', '?')})",
+             f"model    {info.get('family')} {m['kind']} from {info.get('source', {}).get('kind')} "
+             f"{info.get('source', {}).get('ref')}"]
+    facts = {k: info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length",
+                                  "eos_token_id", "pad_token_id", "pooling") if info.get(k) is not None}
+    if facts:
+        lines.append("         " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    if info.get("config_sha256"):
+        lines.append(f"config   sha256 {info['config_sha256'][:16]}...")
+    exp = m.get("export") or {}
+    if exp:
+        vers = ", ".join(f"{k} {v}" for k, v in (exp.get("versions") or {}).items())
+        lines.append(f"export   {exp.get('exporter')}, attention={exp.get('attn_implementation', '-')}; {vers}")
+        par = exp.get("parity")
+        lines.append(f"parity   max abs diff ONNX Runtime vs torch: {par['max_abs_diff']:.3g}" if par else
+                     "parity   not checked (--no-parity)")
+    for name, g in m["graphs"].items():
+        lines.append(f"graph    {name}: {g['file']} (opset {g['opset']})")
+        for t in g["inputs"]:
+            lines.append(f"           in  {t['name']:<28} {t['dtype']:<8} {_dims(t['shape'])}")
+        for t in g["outputs"]:
+            lines.append(f"           out {t['name']:<28} {t['dtype']:<8} {_dims(t['shape'])}")
+    tok = m.get("tokenizer")
+    lines.append(f"tokenizer {tok['file']}" if tok else "tokenizer none (ids only)")
+    total = sum(e["bytes"] for e in m["files"].values())
+    lines.append(f"files    {len(m['files'])} files, {total / 1e6:.1f} MB, all sha256 verified")
+    for rel, e in m["files"].items():
+        lines.append(f"           {rel:<40} {e['bytes'] / 1e6:>9.2f} MB  {e['sha256'][:12]}")
+    return "\n".join(lines), m
