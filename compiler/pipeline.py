@@ -90,7 +90,8 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
 
             result = export_decoder(torch_model, stage, parity, attn_implementation, progress)
         if result.parity is not None:
-            progress.info(f"  export parity (ONNX Runtime vs torch, valid positions): max abs diff {result.parity.worst:.3g}")
+            progress.info(f"  export parity (ONNX Runtime vs torch, valid positions): max abs diff "
+                          f"{result.parity.worst:.3g}, relative to output scale {result.parity.worst_rel:.3g}")
             result.parity.check(f"export of {source.ref}")
         tok = save_tokenizer(tokenizer, stage)
         model_info = {

@@ -31,7 +31,8 @@ def describe(bundle) -> tuple[str, dict]:
         vers = ", ".join(f"{k} {v}" for k, v in (exp.get("versions") or {}).items())
         lines.append(f"export   {exp.get('exporter')}, attention={exp.get('attn_implementation', '-')}; {vers}")
         par = exp.get("parity")
-        lines.append(f"parity   max abs diff ONNX Runtime vs torch: {par['max_abs_diff']:.3g}" if par else
+        lines.append(f"parity   ONNX Runtime vs torch: max abs diff {par['max_abs_diff']:.3g}, relative to output "
+                     f"scale {par.get('max_rel_diff', float('nan')):.3g}" if par else
                      "parity   not checked (--no-parity)")
     for name, g in m["graphs"].items():
         lines.append(f"graph    {name}: {g['file']} (opset {g['opset']})")

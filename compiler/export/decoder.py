@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastertrt.compiler.export.onnx_file import export_graph
+from fastertrt.compiler.export.onnx_file import ATTN_HINT, export_graph
 from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session
 from fastertrt.compiler.export.result import ExportedGraph, ExportResult
 from fastertrt.compiler.export.wrappers import DecoderGraph, position_ids_from_mask
@@ -39,7 +39,6 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
     layers = _num_layers(model.config)
     vocab = int(model.config.vocab_size)
     prefill, step = DecoderGraph(model, layers, False).eval(), DecoderGraph(model, layers, True).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # seq >= 2 in every example: at seq 1 the exporter specialises the graph to 1.
     ids, mask = example_prompt(vocab, 2, 8)
@@ -52,14 +51,15 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
     out_dir = Path(out_dir)
     with progress.step(f"export prefill graph ({layers} layers, torch.onnx dynamo)"):
         export_graph(prefill, (ids, mask, pos), out_dir / "prefill.onnx", prefill.input_names(),
-                     prefill.output_names(), ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}), weight_bytes)
+                     prefill.output_names(), ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}), hint=ATTN_HINT)
 
     new_ids, step_mask, step_pos = _next_inputs(ids, mask, pos, 2, vocab)
     step_args = (new_ids, step_mask, step_pos, *presents)
-    step_dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, *({0: b, 2: p} for _ in presents))
+    # *past is one varargs entry for torch.export, so its shapes nest in one tuple
+    step_dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in presents))
     with progress.step("export decode-step graph (KV cache in/out)"):
         export_graph(step, step_args, out_dir / "decode.onnx", step.input_names(),
-                     step.output_names(), step_dyn, weight_bytes)
+                     step.output_names(), step_dyn, hint=ATTN_HINT)
 
     graphs = [ExportedGraph.read("prefill", out_dir / "prefill.onnx"), ExportedGraph.read("decode", out_dir / "decode.onnx")]
     report = None

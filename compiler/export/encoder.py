@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastertrt.compiler.export.onnx_file import export_graph
+from fastertrt.compiler.export.onnx_file import ATTN_HINT, export_graph
 from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session
 from fastertrt.compiler.export.result import ExportedGraph, ExportResult
 from fastertrt.compiler.export.wrappers import EncoderGraph
@@ -52,12 +52,11 @@ def export_encoder(model, out_dir: Path, pooling: dict | None = None, parity: bo
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     dynamic = tuple({0: batch, 1: seq} for _ in names)
     path = Path(out_dir) / "model.onnx"
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     progress = progress or quiet()
     step = progress.step
     with step("export encoder graph (torch.onnx dynamo)"):
-        export_graph(graph, args, path, names, graph.output_names(), dynamic, weight_bytes)
+        export_graph(graph, args, path, names, graph.output_names(), dynamic, hint=ATTN_HINT)
     exported = ExportedGraph.read("encoder", path)
 
     report = None

@@ -37,9 +37,8 @@ def export_module(module, example_inputs: dict, out_dir: Path, output_names=None
     ref = ref if isinstance(ref, (tuple, list)) else (ref,)
     out_names = list(output_names or [f"output_{i}" for i in range(len(ref))])
     path = Path(out_dir) / "model.onnx"
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with progress.step(f"export {type(module).__name__} (torch.onnx dynamo)"):
-        export_graph(module, args, path, names, out_names, dynamic, weight_bytes)
+        export_graph(module, args, path, names, out_names, dynamic)
     report = None
     if parity:
         report = ParityReport()

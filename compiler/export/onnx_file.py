@@ -14,6 +14,7 @@ from fastertrt.errors import ExportError
 # Above this size the weights go to an external-data file next to the graph
 # (protobuf cannot hold 2 GiB in one message).
 EXTERNAL_DATA_BYTES = 1_500_000_000
+ATTN_HINT = " Exporter paths differ per attention implementation: try --attn-implementation eager (or sdpa)."
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, weight_bytes: int = 0) -> None:
+def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, hint: str = "") -> None:
     """Export `module(*args)` to `path` with the dynamo exporter."""
     import torch
 
@@ -52,9 +53,9 @@ def export_graph(module, args: tuple, path: Path, input_names, output_names, dyn
             )
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(
-            f"torch.onnx.export (dynamo) failed for {type(module).__name__}: {_summary(exc)}. "
-            f"Try the other attention implementation (--attn-implementation eager|sdpa)."
+            f"torch.onnx.export (dynamo) failed for {type(module).__name__}: {_summary(exc)}.{hint}"
         ) from exc
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
 
 

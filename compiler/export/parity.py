@@ -17,50 +17,71 @@ from fastertrt.tolerances import tolerance
 
 @dataclass
 class ParityReport:
-    """Max abs diff per output name, over all checked runs."""
+    """Per output name, over all checked runs: the max abs diff and the max abs
+    diff relative to the output's largest magnitude (its scale)."""
 
     max_abs: dict = field(default_factory=dict)
+    max_rel: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
 
-    def add(self, run: str, name: str, diff: float) -> None:
+    def add(self, run: str, name: str, diff_scale: tuple[float, float]) -> None:
+        diff, scale = diff_scale
+        rel = diff / scale if scale > 0 else diff
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), diff)
-        self.runs.append({"run": run, "output": name, "max_abs_diff": diff})
+        self.max_rel[name] = max(self.max_rel.get(name, 0.0), rel)
+        self.runs.append({"run": run, "output": name, "max_abs_diff": diff, "scale": scale, "rel_diff": rel})
 
     @property
     def worst(self) -> float:
         return max(self.max_abs.values(), default=0.0)
 
+    @property
+    def worst_rel(self) -> float:
+        return max(self.max_rel.values(), default=0.0)
+
     def to_json(self) -> dict:
-        return {"max_abs_diff": self.worst, "per_output": dict(self.max_abs), "runs": self.runs}
+        return {"max_abs_diff": self.worst, "max_rel_diff": self.worst_rel, "per_output": dict(self.max_abs),
+                "per_output_rel": dict(self.max_rel), "runs": self.runs}
+
+    def failures(self, precision: str = "fp32") -> dict:
+        """Outputs off by more than atol both absolutely and relative to their scale.
+
+        The relative bound matters for deep decoders: FP32 MatMuls that sum in a
+        different order (ONNX Runtime's MLAS vs torch's BLAS) drift ~1e-5 of the
+        value range over 30 layers, so logits of magnitude ~30 differ by ~5e-4."""
+        tol = tolerance("export", precision)
+        return {k: v for k, v in self.max_abs.items() if not (v <= tol.atol or self.max_rel[k] <= tol.atol)}
 
     def check(self, what: str, precision: str = "fp32") -> None:
         tol = tolerance("export", precision)
-        bad = {k: v for k, v in self.max_abs.items() if not v <= tol.atol}
+        bad = self.failures(precision)
         if bad:
-            worst = ", ".join(f"{k}={v:.3g}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
+            worst = ", ".join(f"{k}={v:.3g} (rel {self.max_rel[k]:.3g})"
+                              for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
             raise ParityError(
-                f"{what}: ONNX Runtime differs from torch beyond {tol.atol:g} ({worst}). "
+                f"{what}: ONNX Runtime differs from torch beyond {tol.atol:g}, absolute and relative ({worst}). "
                 f"Try --attn-implementation eager, or pass --no-parity to keep the export anyway."
             )
 
 
-def masked_max_abs(ort_out: np.ndarray, torch_out: np.ndarray, valid: np.ndarray | None, seq_axis: int) -> float:
-    """Max |a-b| where valid[b, s] is true; `seq_axis` is where s lives in the output."""
+def masked_max_abs(ort_out: np.ndarray, torch_out: np.ndarray, valid: np.ndarray | None,
+                   seq_axis: int) -> tuple[float, float]:
+    """(max |a-b|, max |b|) where valid[b, s] is true; `seq_axis` is where s lives."""
     a = np.asarray(ort_out, dtype=np.float64)
     b = np.asarray(torch_out, dtype=np.float64)
     if a.shape != b.shape:
         raise ParityError(f"ONNX Runtime gave shape {a.shape}, torch gave {b.shape}")
-    diff = np.abs(a - b)
     if valid is not None and a.ndim >= 2:
         shape = [1] * a.ndim
         shape[0], shape[seq_axis] = valid.shape
         keep = np.broadcast_to(valid.reshape(shape), a.shape)
-        diff = diff[keep]
-    if diff.size == 0:
-        return 0.0
+        a, b = a[keep], b[keep]
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(a - b)
     if not np.all(np.isfinite(diff)):
-        return float("inf")
-    return float(diff.max())
+        return float("inf"), float(np.abs(b).max())
+    return float(diff.max()), float(np.abs(b).max())
 
 
 def ort_session(path, threads: int | None = None):

@@ -1,0 +1,60 @@
+"""Session-wide fixtures: every export is done once per test session and shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import save_tiny  # noqa: E402
+
+PARITY_ROWS: list[tuple[str, float, float]] = []
+
+
+class BundleCache:
+    def __init__(self, root: Path):
+        self.root = root
+        self.bundles: dict = {}
+
+    def tiny(self, family: str, impl: str = "sdpa") -> Path:
+        key = ("tiny", family, impl)
+        if key not in self.bundles:
+            folder = self.root / f"tiny-{family}"
+            if not folder.exists():
+                save_tiny(family, folder)
+            self.bundles[key] = self._compile(str(folder), f"tiny-{family}-{impl}", impl)
+        return self.bundles[key]
+
+    def shipped(self, name: str, impl: str = "sdpa") -> Path:
+        key = ("shipped", name, impl)
+        if key not in self.bundles:
+            self.bundles[key] = self._compile(name, f"{name}-{impl}", impl)
+        return self.bundles[key]
+
+    def _compile(self, model: str, label: str, impl: str) -> Path:
+        from fastertrt.compiler import compile_model
+
+        out = compile_model(model, self.root / f"{label}.bundle", attn_implementation=impl)
+        manifest = json.loads((out / "manifest.json").read_text())
+        par = manifest["export"]["parity"]
+        PARITY_ROWS.append((label, par["max_abs_diff"], par["max_rel_diff"]))
+        return out
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> BundleCache:
+    return BundleCache(tmp_path_factory.mktemp("bundles"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_ROWS:
+        terminalreporter.write_sep("-", "export parity, ONNX Runtime vs torch on valid positions")
+        terminalreporter.write_line(f"{'bundle':<28} {'max abs diff':>12} {'rel to scale':>12}")
+        for label, diff, rel in PARITY_ROWS:
+            terminalreporter.write_line(f"{label:<28} {diff:>12.3g} {rel:>12.3g}")

@@ -1,0 +1,81 @@
+"""The CLI: --help with examples for every command, and each command run for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastertrt.tools.cli import main
+
+COMMANDS = ("compile", "run", "inspect", "bench")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"fastertrt {command} " in out
+
+
+def test_compile_run_inspect(tmp_path, capsys):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("bert", tmp_path / "bert")
+    out = tmp_path / "bert.bundle"
+    assert main(["compile", str(folder), "-o", str(out), "--attn-implementation", "eager"]) == 0
+    err = capsys.readouterr().err
+    assert "export encoder graph" in err and "max abs diff" in err and "bundle written" in err
+
+    assert main(["run", str(out), "--text", "the model runs fast", "--text", "a token"]) == 0
+    text = capsys.readouterr().out
+    assert "last_hidden_state: shape [2, 4, 32]" in text  # word-level tokenizer, no specials: 4 words
+
+    assert main(["run", str(out), "--ids", "5,6,7", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["last_hidden_state"][0]) == 3
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("bert encoder", "input_ids", "[batch, seq]", "all sha256 verified", "parity"):
+        assert expected in text
+
+    # compiling again onto the same folder is refused without --force
+    assert main(["compile", str(folder), "-o", str(out)]) == 2
+    assert "OutputExistsError" in capsys.readouterr().err
+
+
+def test_run_decoder_prompt(bundles, capsys):
+    assert main(["run", str(bundles.tiny("gpt2")), "--prompt", "the engine is", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] the engine is" in out and "->" in out
+
+
+def test_cli_errors_are_named_and_short(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.bundle"), "--text", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "BundleNotFoundError" in err and "Traceback" not in err
+    assert main(["compile", "no-such-model", "-o", str(tmp_path / "x")]) == 2
+    assert "NotAModelError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_bench_writes_json_with_torch_and_runtime_rows(bundles, tmp_path, family, capsys):
+    bundle = bundles.tiny(family)
+    out = tmp_path / "bench.json"
+    args = ["bench", str(bundle), "-o", str(out), "--repeats", "2", "--warmup", "1", "--threads", "1"]
+    args += ["--batch", "2", "--seq", "16"] if family == "bert" else ["--new-tokens", "4", "--prompt-len", "6"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    backends = [r["backend"] for r in report["results"]]
+    assert backends == ["torch", "onnxruntime"]
+    for r in report["results"]:
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["peak_rss_mb"] > 0
+        assert r["threads"] == 1 and r["repeats"] == 2
+    if family == "gpt2":
+        rt = report["results"][1]
+        assert rt["tokens_per_s"] > 0 and rt["same_tokens_as_torch"] is True
+        assert len(rt["tokens"][0]) == 4  # min_new_tokens forced all 4
+    assert "median ms" in capsys.readouterr().out

@@ -1,0 +1,14 @@
+"""README's two commands stay in sync with what CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    install_and_compile, install_and_test = blocks[0], blocks[1]
+    assert "fastertrt compile minilm" in install_and_compile and "fastertrt run" in install_and_compile
+    assert "pytest" in install_and_test
+    assert install_and_test in (ROOT / ".ci" / "run").read_text()

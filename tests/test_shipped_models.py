@@ -1,0 +1,78 @@
+"""The two shipped real models, end to end: compile, then the runtime (no torch
+in its code path) against torch/transformers on real text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastertrt.runtime import load
+from fastertrt.tolerances import tolerance
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "TensorRT turns trained networks into fast inference engines.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Sentence embeddings map text of any length to a fixed vector, which makes semantic search cheap.",
+    "ok",
+]
+
+
+def test_minilm_matches_sentence_transformers_math(bundles):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from fastertrt.compiler.models import resolve
+
+    bundle = bundles.shipped("minilm")
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["model"]["pooling"] == {"mode": "mean", "normalize": True, "max_seq_length": 256}
+    assert m["export"]["parity"]["max_abs_diff"] <= tolerance("export").atol
+
+    out = load(bundle).encode(SENTENCES)
+    folder = resolve("minilm").folder
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    batch = tok(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    np.testing.assert_array_equal(out["attention_mask"], batch["attention_mask"].numpy())
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    emb = out["sentence_embedding"]
+    assert np.abs(emb - ref).max() <= tolerance("runtime").atol
+    cos = (emb * ref).sum(-1) / np.linalg.norm(emb, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() >= tolerance("runtime").min_cosine
+    # semantic sanity that a broken graph would fail: a sentence is closest to itself
+    sims = emb @ emb.T
+    assert (sims.argmax(axis=1) == np.arange(len(SENTENCES))).all()
+
+
+def test_smollm2_greedy_matches_transformers_generate(bundles):
+    import torch
+
+    from fastertrt.compiler.models import resolve
+
+    bundle = bundles.shipped("smollm2")
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["model"]["num_kv_heads"] == 3 and m["model"]["num_layers"] == 30
+    # 30 FP32 layers: ~5e-4 absolute on logits of magnitude ~30, so the bound is relative to scale
+    assert m["export"]["parity"]["max_rel_diff"] <= tolerance("export").atol
+
+    dec = load(bundle)
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+    gen = dec.generate(prompts, max_new_tokens=8)
+
+    src = resolve("smollm2")
+    tok = src.load_tokenizer()
+    tok.padding_side = "left"
+    model = src.load_torch("sdpa")
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    np.testing.assert_array_equal(dec.tokenizer.encode(prompts[:1])[0], tok(prompts[0])["input_ids"])
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(gen.sequences, ref.numpy())
+    assert gen.texts[0] == tok.decode(ref[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
