@@ -11,6 +11,7 @@ import numpy as np
 
 from fastertrt.compiler.export.onnx_file import ATTN_HINT, export_graph
 from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session
+from fastertrt.compiler.export.shared_weights import share_weights
 from fastertrt.compiler.export.result import ExportedGraph, ExportResult
 from fastertrt.compiler.export.wrappers import DecoderGraph, position_ids_from_mask
 from fastertrt.progress import quiet
@@ -61,6 +62,8 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
         export_graph(step, step_args, out_dir / "decode.onnx", step.input_names(),
                      step.output_names(), step_dyn, hint=ATTN_HINT)
 
+    with progress.step("store the weights of both graphs once (weights.bin)"):
+        share_weights([out_dir / "prefill.onnx", out_dir / "decode.onnx"])
     graphs = [ExportedGraph.read("prefill", out_dir / "prefill.onnx"), ExportedGraph.read("decode", out_dir / "decode.onnx")]
     report = None
     if parity:
