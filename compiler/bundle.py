@@ -34,6 +34,9 @@ def staging(out: Path, overwrite: bool = False):
         raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it, or pick another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
     try:
         yield stage
     except BaseException:

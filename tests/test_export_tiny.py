@@ -102,3 +102,18 @@ def test_decoder_text_roundtrip_with_tokenizer(bundles):
     assert len(gen.texts) == 2 and all(isinstance(t, str) for t in gen.texts)
     # prompt ids come from the word-level vocab: 'the'=4 ... 'gpu'=17
     assert list(gen.sequences[0, :5]) == [4, 6, 15, 16, 17]
+
+
+def test_compile_a_loaded_transformers_model(tmp_path):
+    """Python API: a model object the caller already holds, with its tokenizer."""
+    from tiny_models import tiny_tokenizer
+
+    from fastertrt.compiler import compile_model
+
+    model = tiny_model("llama", seed=3)
+    out = compile_model(model, tmp_path / "loaded.bundle", attn_implementation="eager", tokenizer=tiny_tokenizer())
+    m = _manifest(out)
+    assert m["model"]["source"] == {"kind": "module", "ref": "LlamaForCausalLM"}
+    assert m["model"]["eos_token_id"] == [2] and m["model"]["pad_token_id"] == 0
+    gen = load(out).generate(["the cache is fast"], max_new_tokens=3)
+    assert gen.sequences.shape == (1, 7) and gen.texts is not None

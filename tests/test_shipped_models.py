@@ -21,13 +21,14 @@ SENTENCES = [
 ]
 
 
-def test_minilm_matches_sentence_transformers_math(bundles):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_minilm_matches_sentence_transformers_math(bundles, impl):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     from fastertrt.compiler.models import resolve
 
-    bundle = bundles.shipped("minilm")
+    bundle = bundles.shipped("minilm", impl)
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["model"]["pooling"] == {"mode": "mean", "normalize": True, "max_seq_length": 256}
     assert m["export"]["parity"]["max_abs_diff"] <= tolerance("export").atol
@@ -35,7 +36,7 @@ def test_minilm_matches_sentence_transformers_math(bundles):
     out = load(bundle).encode(SENTENCES)
     folder = resolve("minilm").folder
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_pretrained(str(folder)).eval()
+    model = AutoModel.from_pretrained(str(folder), attn_implementation=impl).eval()
     batch = tok(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
     np.testing.assert_array_equal(out["attention_mask"], batch["attention_mask"].numpy())
     with torch.no_grad():
@@ -51,12 +52,13 @@ def test_minilm_matches_sentence_transformers_math(bundles):
     assert (sims.argmax(axis=1) == np.arange(len(SENTENCES))).all()
 
 
-def test_smollm2_greedy_matches_transformers_generate(bundles):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_smollm2_greedy_matches_transformers_generate(bundles, impl):
     import torch
 
     from fastertrt.compiler.models import resolve
 
-    bundle = bundles.shipped("smollm2")
+    bundle = bundles.shipped("smollm2", impl)
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["model"]["num_kv_heads"] == 3 and m["model"]["num_layers"] == 30
     # 30 FP32 layers: ~5e-4 absolute on logits of magnitude ~30, so the bound is relative to scale
@@ -69,7 +71,7 @@ def test_smollm2_greedy_matches_transformers_generate(bundles):
     src = resolve("smollm2")
     tok = src.load_tokenizer()
     tok.padding_side = "left"
-    model = src.load_torch("sdpa")
+    model = src.load_torch(impl)
     batch = tok(prompts, padding=True, return_tensors="pt")
     np.testing.assert_array_equal(dec.tokenizer.encode(prompts[:1])[0], tok(prompts[0])["input_ids"])
     with torch.no_grad():

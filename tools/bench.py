@@ -64,7 +64,10 @@ def run_bench(args) -> dict:
     backends = ["onnxruntime"]
     has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
     if not args.no_torch:
-        if has_torch:
+        if manifest["model"]["source"].get("kind") == "module":
+            print("bench: the bundle was compiled from an in-memory model; bench cannot reload it in torch, "
+                  "so only the bundle is timed", file=sys.stderr)
+        elif has_torch:
             backends.insert(0, "torch")
         else:
             print("bench: torch/transformers not installed: only the bundle is timed", file=sys.stderr)
