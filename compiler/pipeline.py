@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastertrt import __version__
 from fastertrt.compiler.bundle import config_digest, graph_entry, save_tokenizer, staging, write_manifest
-from fastertrt.compiler.models import ModelSource, from_loaded, resolve
+from fastertrt.compiler.models import from_loaded, resolve
 from fastertrt.errors import MissingDependencyError
 from fastertrt.progress import quiet
 
@@ -52,7 +52,7 @@ def _token_ids(model, tokenizer) -> dict:
             "bos_token_id": None if bos is None else int(bos)}
 
 
-def _max_length(model, source: ModelSource, family, pooling, tokenizer) -> int:
+def _max_length(model, family, pooling) -> int:
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20) - family.position_offset
     if pooling and pooling.get("max_seq_length"):
         limit = min(limit, int(pooling["max_seq_length"]))
@@ -99,11 +99,10 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             "model_type": source.model_type,
             "source": source.to_json(),
             "config_sha256": config_digest(source.config),
-            "max_length": _max_length(torch_model, source, family, pooling, tokenizer),
+            "max_length": _max_length(torch_model, family, pooling),
             **result.info,
+            **_token_ids(torch_model, tokenizer),
         }
-        if family.kind == "decoder":
-            model_info.update(_token_ids(torch_model, tokenizer))
         manifest = write_manifest(stage, {
             "fastertrt_version": __version__,
             "kind": result.kind,

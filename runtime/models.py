@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastertrt.errors import InputError
 from fastertrt.runtime.inputs import as_id_rows, as_texts, pad_rows
 from fastertrt.runtime.tokenizer import TextTokenizer, no_tokenizer_error
 
@@ -41,8 +42,9 @@ class Encoder(_Model):
 
     def encode(self, inputs, truncate: bool = True) -> dict:
         rows = self._rows(inputs, truncate)
-        pad = self.manifest["tokenizer"]["pad_token_id"] if self.manifest.get("tokenizer") else 0
-        ids, mask = pad_rows(rows, pad or 0, left=False)
+        # the model's own pad id: RoBERTa derives positions from it
+        pad = self.manifest["model"].get("pad_token_id")
+        ids, mask = pad_rows(rows, pad if pad is not None else 0, left=False)
         names = self.manifest["model"]["input_names"]
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in names:
@@ -86,8 +88,6 @@ class Decoder(_Model):
         rows = self._rows(inputs)
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > self.max_length:
-            from fastertrt.errors import InputError
-
             raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{self.max_length} positions; shorten the prompt or lower max_new_tokens")
         eos = self.eos_token_id if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))

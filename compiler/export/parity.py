@@ -22,14 +22,16 @@ class ParityReport:
 
     max_abs: dict = field(default_factory=dict)
     max_rel: dict = field(default_factory=dict)
-    runs: list = field(default_factory=list)
+    runs: dict = field(default_factory=dict)  # run -> its worst output
 
     def add(self, run: str, name: str, diff_scale: tuple[float, float]) -> None:
         diff, scale = diff_scale
         rel = diff / scale if scale > 0 else diff
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), diff)
         self.max_rel[name] = max(self.max_rel.get(name, 0.0), rel)
-        self.runs.append({"run": run, "output": name, "max_abs_diff": diff, "scale": scale, "rel_diff": rel})
+        worst = self.runs.setdefault(run, {"max_abs_diff": 0.0, "output": name, "scale": scale})
+        if diff >= worst["max_abs_diff"]:
+            worst.update(max_abs_diff=diff, output=name, scale=scale)
 
     @property
     def worst(self) -> float:
