@@ -79,3 +79,11 @@ def test_bench_writes_json_with_torch_and_runtime_rows(bundles, tmp_path, family
         assert rt["tokens_per_s"] > 0 and rt["same_tokens_as_torch"] is True
         assert len(rt["tokens"][0]) == 4  # min_new_tokens forced all 4
     assert "median ms" in capsys.readouterr().out
+
+
+def test_inspect_decoder_folds_per_layer_cache(bundles, capsys):
+    assert main(["inspect", str(bundles.tiny("llama"))]) == 0
+    out = capsys.readouterr().out
+    assert "past_key_values.{0..1}.{key,value}" in out and "[batch, 2, past, 8]" in out
+    assert "present.{0..1}.{key,value}" in out and "weights.bin" in out
+    assert "present.0.key" not in out

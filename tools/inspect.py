@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastertrt.runtime.manifest import read_manifest, verify_files
@@ -9,6 +10,32 @@ from fastertrt.runtime.manifest import read_manifest, verify_files
 
 def _dims(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+_LAYER = re.compile(r"^(.*)\.(\d+)\.(key|value)$")
+
+
+def _grouped(tensors: list) -> list[tuple[str, str, list]]:
+    """(name, dtype, shape) rows with per-layer KV tensors folded into one row."""
+    rows, groups = [], {}
+    for t in tensors:
+        m = _LAYER.match(t["name"])
+        if m:
+            key = (m.group(1), t["dtype"], tuple(t["shape"]))
+            if key not in groups:
+                groups[key] = []
+                rows.append(key)
+            groups[key].append(int(m.group(2)))
+        else:
+            rows.append((t["name"], t["dtype"], tuple(t["shape"])))
+    out = []
+    for row in rows:
+        if row in groups:
+            layers = sorted(set(groups[row]))
+            out.append((f"{row[0]}.{{{layers[0]}..{layers[-1]}}}.{{key,value}}", row[1], list(row[2])))
+        else:
+            out.append((row[0], row[1], list(row[2])))
+    return out
 
 
 def describe(bundle) -> tuple[str, dict]:
@@ -36,10 +63,9 @@ def describe(bundle) -> tuple[str, dict]:
                      "parity   not checked (--no-parity)")
     for name, g in m["graphs"].items():
         lines.append(f"graph    {name}: {g['file']} (opset {g['opset']})")
-        for t in g["inputs"]:
-            lines.append(f"           in  {t['name']:<28} {t['dtype']:<8} {_dims(t['shape'])}")
-        for t in g["outputs"]:
-            lines.append(f"           out {t['name']:<28} {t['dtype']:<8} {_dims(t['shape'])}")
+        for direction in ("inputs", "outputs"):
+            for name, dtype, shape in _grouped(g[direction]):
+                lines.append(f"           {'in' if direction == 'inputs' else 'out':<3} {name:<40} {dtype:<8} {_dims(shape)}")
     tok = m.get("tokenizer")
     lines.append(f"tokenizer {tok['file']}" if tok else "tokenizer none (ids only)")
     total = sum(e["bytes"] for e in m["files"].values())
