@@ -26,12 +26,18 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Called before slow work too, so a taken -o fails in a second, not after an export."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it, or pick another -o")
+
+
 @contextlib.contextmanager
 def staging(out: Path, overwrite: bool = False):
     """Yield a temporary folder next to `out`; on success it becomes `out`."""
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it, or pick another -o")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)

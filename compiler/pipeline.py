@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fastertrt import __version__
-from fastertrt.compiler.bundle import config_digest, graph_entry, save_tokenizer, staging, write_manifest
+from fastertrt.compiler.bundle import check_output, config_digest, graph_entry, save_tokenizer, staging, write_manifest
 from fastertrt.compiler.models import from_loaded, resolve
 from fastertrt.errors import MissingDependencyError
 from fastertrt.progress import quiet
@@ -68,6 +68,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     source = resolve(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else from_loaded(model)
     family = source.family  # unknown families fail here, before any heavy loading
+    check_output(Path(output), overwrite)
     require_compile_deps()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
