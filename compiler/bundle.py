@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fastertrt.errors import OutputExistsError
-from fastertrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_entries
+from fastertrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_entries, manifest_digest
 
 # Config keys that change with the tool that saved the file, not the model.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -77,6 +77,7 @@ def write_manifest(stage: Path, manifest: dict) -> dict:
     manifest = {"schema_version": SCHEMA_VERSION, **manifest}
     manifest["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     manifest["files"] = file_entries(stage)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     tmp = stage / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, stage / MANIFEST_NAME)

@@ -60,9 +60,11 @@ def _max_length(model, family, pooling) -> int:
 
 
 def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool = True,
-                  overwrite: bool = False, tokenizer=None, progress=None) -> Path:
+                  overwrite: bool = False, tokenizer=None, progress=None, build=None) -> Path:
     """Compile a shipped model name, a Hugging Face folder, or a loaded
-    transformers model into a bundle folder at `output`. Returns its path."""
+    transformers model into a bundle folder at `output`. Returns its path.
+
+    build: a fastertrt.compiler.build.BuildOptions to also build TensorRT engines."""
     progress = progress or quiet()
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
@@ -104,7 +106,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             **result.info,
             **_token_ids(torch_model, tokenizer),
         }
-        manifest = write_manifest(stage, {
+        manifest = {
             "fastertrt_version": __version__,
             "kind": result.kind,
             "model": model_info,
@@ -116,7 +118,12 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
                 "versions": _versions(),
                 "parity": result.parity.to_json() if result.parity else None,
             },
-        })
+        }
+        if build is not None:
+            from fastertrt.compiler.build import add_engines
+
+            manifest = add_engines(stage, manifest, build, progress)
+        manifest = write_manifest(stage, manifest)
     out = Path(output).resolve()
     size = sum(e["bytes"] for e in manifest["files"].values())
     progress.info(f"bundle written: {out} ({len(manifest['files'])} files, {size / 1e6:.1f} MB)")

@@ -63,3 +63,25 @@ class InputError(FastertrtError, ValueError):
 
 class OutputExistsError(FastertrtError):
     """The output path exists and overwriting was not asked for."""
+
+
+# --- build ---------------------------------------------------------------------
+class BuildError(FastertrtError):
+    """TensorRT could not parse or build the graph."""
+
+
+class ShapeSpecError(BuildError, ValueError):
+    """A --shapes spec is malformed or does not fit the graph."""
+
+
+# --- engines at run time ---------------------------------------------------------
+class EngineMismatchError(BundleError):
+    """The engine was built for another backend, version or GPU than this one."""
+
+
+class ShapeOutOfProfileError(InputError):
+    """Input shapes fall outside every optimization profile of the engine."""
+
+
+class PluginMissingError(BundleError):
+    """The engine uses a plugin that this installation cannot provide."""

@@ -2,4 +2,15 @@
 kernels, trt). REGISTRY maps plugin name -> module path; adding a plugin is a
 folder plus one line here."""
 
+import importlib
+
 REGISTRY: dict[str, str] = {}
+
+
+def register_all(trt_module) -> list[str]:
+    """Register every plugin's creator with `trt_module` (tensorrt or tensorrt_rtx)."""
+    done = []
+    for name, module in REGISTRY.items():
+        importlib.import_module(module).register(trt_module)
+        done.append(name)
+    return done

@@ -3,27 +3,68 @@ tokenizers only (never torch or transformers)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from fastertrt.runtime.manifest import read_manifest, verify_files
 from fastertrt.runtime.models import Decoder, Encoder, Generation, ModuleRunner
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 _CLASSES = {"encoder": Encoder, "decoder": Decoder, "module": ModuleRunner}
 
 __all__ = ["load", "Encoder", "Decoder", "ModuleRunner", "Generation", "BACKENDS"]
 
 
-def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool = True):
+def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool = True,
+         precision: str | None = None, cuda_graphs: bool = False):
     """Load a bundle folder: check its manifest (schema, file hashes), open each
-    graph on the backend, return an Encoder, Decoder or ModuleRunner."""
+    graph on the backend, return an Encoder, Decoder or ModuleRunner.
+
+    backend: "auto" runs the bundle's TensorRT engines when a matching TensorRT
+    and GPU are here, else ONNX Runtime (saying why, once); "tensorrt" or
+    "onnxruntime" force one. precision picks among engines (default: the last built)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if verify:
         verify_files(bundle, manifest)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from fastertrt.runtime.onnxruntime_backend import OrtGraph
+    graphs = None
+    if backend in ("auto", "tensorrt"):
+        graphs = _tensorrt_graphs(bundle, manifest, precision, cuda_graphs, strict=backend == "tensorrt")
+    if graphs is None:
+        from fastertrt.runtime.onnxruntime_backend import OrtGraph
 
-    graphs = {name: OrtGraph(bundle / g["file"], g, threads) for name, g in manifest["graphs"].items()}
+        graphs = {name: OrtGraph(bundle / g["file"], g, threads) for name, g in manifest["graphs"].items()}
     return _CLASSES[manifest["kind"]](bundle, manifest, graphs)
+
+
+_SAID: set = set()
+
+
+def _tensorrt_graphs(bundle: Path, manifest: dict, precision, cuda_graphs: bool, strict: bool):
+    """TrtGraph per graph, or None (auto mode) with the reason printed once."""
+    from fastertrt.errors import EngineMismatchError, FastertrtError
+    from fastertrt.runtime.engines import engines_for
+
+    chosen = {}
+    for name in manifest["graphs"]:
+        found = engines_for(manifest, name, precision)
+        if not found:
+            if strict:
+                raise EngineMismatchError(f"bundle {bundle} has no {precision or ''} engine for graph {name}; "
+                                          f"build one with: fastertrt build {bundle}")
+            return None
+        chosen[name] = found[-1]
+    try:
+        from fastertrt.runtime.tensorrt_backend import TrtGraph
+
+        return {name: TrtGraph(bundle / e["file"], e, manifest["graphs"][name], cuda_graphs)
+                for name, e in chosen.items()}
+    except FastertrtError as exc:
+        if strict:
+            raise
+        if str(bundle) not in _SAID:
+            _SAID.add(str(bundle))
+            print(f"fastertrt: running {bundle.name} on ONNX Runtime: {exc}", file=sys.stderr)
+        return None

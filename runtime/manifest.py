@@ -34,6 +34,12 @@ def file_entries(root: Path) -> dict:
     return out
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's own content, so a hand edit is caught like a file edit."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(bundle: Path) -> dict:
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
@@ -69,6 +75,8 @@ def verify_files(bundle: Path, manifest: dict) -> None:
     """Every listed file exists with its recorded sha256."""
     bundle = Path(bundle)
     problems = []
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        problems.append("manifest.json was edited after it was written (its manifest_sha256 no longer matches)")
     for rel, entry in manifest["files"].items():
         p = bundle / rel
         if not p.is_file():

@@ -47,6 +47,22 @@ class BundleCache:
         return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """gpu / tensorrt marks skip with the reason where the machine lacks them."""
+    import importlib.util
+
+    from fastertrt.runtime.gpu import gpu_compute_capability
+
+    gpu = gpu_compute_capability()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and gpu is None:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with a driver; this machine has none"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs the standard `tensorrt` package, which cannot be "
+                                                    "installed here (its wheels download NVIDIA libraries)"))
+
+
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory) -> BundleCache:
     return BundleCache(tmp_path_factory.mktemp("bundles"))

@@ -62,6 +62,8 @@ def run_bench(args) -> dict:
         raise FastertrtError("bench times encoder and decoder bundles; a module bundle has no standard inputs")
     threads = args.threads or os.cpu_count() or 1
     backends = ["onnxruntime"]
+    if manifest.get("engines") and _engine_runnable():
+        backends.append("tensorrt")
     has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
     if not args.no_torch:
         if manifest["model"]["source"].get("kind") == "module":
@@ -101,14 +103,27 @@ def run_bench(args) -> dict:
         "threads": threads, "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                         "python": platform.python_version()},
         "versions": _versions(), "results": results,
+        "engines": [{k: e[k] for k in ("graph", "backend", "backend_version", "precision", "bytes", "build_seconds",
+                                       "layers", "output_precisions", "compute_capabilities")}
+                    for e in manifest.get("engines", [])],
     }
     print(format_table(report))
+    for e in report["engines"]:
+        print(f"engine {e['graph']:<8} {e['backend']} {e['precision']}: {e['bytes'] / 1e6:.1f} MB, "
+              f"built in {e['build_seconds']:.2f} s, {e['layers']} layers")
     out = Path(args.output) if args.output else bundle.resolve().parent / f"bench-{bundle.resolve().name}.json"
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp_out, out)
     print(f"wrote {out}")
     return report
+
+
+def _engine_runnable() -> bool:
+    from fastertrt.runtime.engines import installed_backends
+    from fastertrt.runtime.gpu import gpu_compute_capability
+
+    return bool(installed_backends()) and gpu_compute_capability() is not None
 
 
 def _annotate(results: list) -> None:

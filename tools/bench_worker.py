@@ -57,7 +57,8 @@ def _torch_case(spec, inputs):
 def _runtime_case(spec, inputs):
     from fastertrt.runtime import load
 
-    model = load(spec["bundle"], threads=spec["threads"])
+    backend = "tensorrt" if spec["backend"] == "tensorrt" else "onnxruntime"
+    model = load(spec["bundle"], threads=spec["threads"], backend=backend)
     ids = inputs["input_ids"]
     if spec["kind"] == "encoder":
         return (lambda: model.encode(ids)), lambda r: None

@@ -16,6 +16,7 @@ examples:
   fastertrt compile minilm -o minilm.bundle            # the shipped MiniLM sentence encoder
   fastertrt compile smollm2 -o smollm2.bundle          # the shipped SmolLM2-135M decoder
   fastertrt compile ./my-bert-folder -o bert.bundle --attn-implementation eager
+  fastertrt compile minilm -o minilm.bundle --backend tensorrt-rtx --precision fp16 --shapes batch=1:8:32,seq=1:128:256
 """
 EPILOG_RUN = """\
 examples:
@@ -34,6 +35,53 @@ examples:
   fastertrt bench smollm2.bundle --new-tokens 32 --repeats 3
   fastertrt bench minilm.bundle --batch 1 --seq 64 --no-torch
 """
+
+
+EPILOG_BUILD = """\
+examples:
+  fastertrt build minilm.bundle --precision fp16                         # TensorRT-RTX, sm80/86/89, no GPU needed
+  fastertrt build minilm.bundle --shapes batch=1:8:32,seq=16:128:256 --targets sm86,sm89
+  fastertrt build smollm2.bundle --shapes "batch=1:1:4,seq=1:64:512,past=1:256:1024"
+  fastertrt build bert.bundle --backend tensorrt --timing-cache bert.cache   # on a GPU box
+"""
+
+
+def _add_build_args(p, auto: bool) -> None:
+    choices = ("auto", "none", "tensorrt-rtx", "tensorrt") if auto else ("tensorrt-rtx", "tensorrt")
+    p.add_argument("--backend", choices=choices, default="auto" if auto else "tensorrt-rtx",
+                   help="engine builder. " + ("auto: tensorrt if installed, else tensorrt-rtx if installed, else "
+                                              "ONNX only; none: ONNX only" if auto else "default tensorrt-rtx"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp16/bf16 run MatMul/Gemm in that type and keep norms, softmax and reductions FP32")
+    p.add_argument("--shapes", default=None,
+                   help="optimization profile(s): name=min:opt:max over batch, seq, past (';' between profiles; "
+                        "decode.seq=... scopes a dim to the decode step)")
+    p.add_argument("--targets", default="", help="tensorrt-rtx compute capabilities, e.g. sm80,sm86,sm89 (default)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="0-5",
+                   help="builder optimization level (default 3)")
+    p.add_argument("--timing-cache", default=None, help="timing cache file, read and updated (standard TensorRT)")
+
+
+def _build_options(args):
+    import importlib.util
+
+    from fastertrt.compiler.build import BuildOptions
+
+    backend = args.backend
+    if backend == "none":
+        return None
+    if backend == "auto":
+        backend = next((b for b, mod in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx"))
+                        if importlib.util.find_spec(mod)), None)
+        if backend is None:
+            print("  no TensorRT package installed: the bundle holds ONNX only "
+                  "(pip install 'fastertrt[rtx]' to build engines without a GPU)", file=sys.stderr)
+            return None
+    from pathlib import Path
+
+    return BuildOptions(backend=backend, precision=args.precision, shapes=args.shapes,
+                        targets=[t.strip().lower() for t in args.targets.split(",") if t.strip()],
+                        opt_level=args.opt_level, timing_cache=Path(args.timing_cache) if args.timing_cache else None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +107,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention implementation to load the torch model with (default: sdpa)")
     c.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs torch check")
     c.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    _add_build_args(c, auto=True)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    bd = sub.add_parser("build", help="(re)build TensorRT engines of a bundle", epilog=EPILOG_BUILD,
+                        formatter_class=fmt,
+                        description="Build serialized TensorRT engines from a bundle's graphs and add them to the "
+                                    "bundle (replacing engines of the same backend and precision). tensorrt-rtx "
+                                    "builds ahead of time on a machine with no GPU; tensorrt needs one.")
+    bd.add_argument("bundle")
+    _add_build_args(bd, auto=False)
+    bd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     r = sub.add_parser("run", help="run a bundle on text or token ids", epilog=EPILOG_RUN, formatter_class=fmt,
                        description="Load a bundle with the thin runtime (no torch) and run it: encoders print "
@@ -98,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": _compile, "run": _run, "inspect": _inspect, "bench": _bench}[args.command](args)
+        commands = {"compile": _compile, "build": _build, "run": _run, "inspect": _inspect, "bench": _bench}
+        return commands[args.command](args)
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +173,18 @@ def _compile(args) -> int:
     progress = Progress(enabled=not args.quiet)
     progress.info(f"fastertrt compile {args.model} -> {args.output}")
     compile_model(args.model, args.output, attn_implementation=args.attn_implementation,
-                  parity=not args.no_parity, overwrite=args.force, progress=progress)
+                  parity=not args.no_parity, overwrite=args.force, progress=progress, build=_build_options(args))
+    return 0
+
+
+def _build(args) -> int:
+    from fastertrt.compiler.build import build_bundle
+    from fastertrt.progress import Progress
+
+    progress = Progress(enabled=not args.quiet)
+    progress.info(f"fastertrt build {args.bundle} ({args.backend}, {args.precision})")
+    build_bundle(args.bundle, _build_options(args), progress)
+    progress.info(f"engines written into {args.bundle}")
     return 0
 
 

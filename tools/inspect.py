@@ -66,6 +66,22 @@ def describe(bundle) -> tuple[str, dict]:
         for direction in ("inputs", "outputs"):
             for name, dtype, shape in _grouped(g[direction]):
                 lines.append(f"           {'in' if direction == 'inputs' else 'out':<3} {name:<40} {dtype:<8} {_dims(shape)}")
+    for e in m.get("engines", []):
+        lines.append(f"engine   {e['graph']}: {e['file']} ({e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:12]})")
+        lines.append(f"           {e['backend']} {e['backend_version']}, {e['precision']}, targets "
+                     f"{','.join(e['compute_capabilities'])}, opt level {e.get('builder_optimization_level')}, "
+                     f"built in {e['build_seconds']:.1f} s from {e['source_onnx']}")
+        lines.append(f"           {e['layers']} layers; output precisions "
+                     + ", ".join(f"{k} {v}" for k, v in e["output_precisions"].items()))
+        lines.append("           layer types " + ", ".join(f"{k} {v}" for k, v in list(e["layer_types"].items())[:8])
+                     + (" ..." if len(e["layer_types"]) > 8 else ""))
+        plugins = ", ".join(f"{p['name']} v{p.get('version', '?')}" for p in e.get("plugins", [])) or "none"
+        lines.append(f"           plugins {plugins}")
+        for i, prof in enumerate(e["profiles"]):
+            dims = ", ".join(f"{d}={r[0]}:{r[1]}:{r[2]}" for d, r in prof["dims"].items())
+            lines.append(f"           profile {i}: {dims}")
+    if not m.get("engines"):
+        lines.append("engine   none (build with: fastertrt build BUNDLE)")
     tok = m.get("tokenizer")
     lines.append(f"tokenizer {tok['file']}" if tok else "tokenizer none (ids only)")
     total = sum(e["bytes"] for e in m["files"].values())
