@@ -1,6 +1,7 @@
 """fastertrt's TensorRT plugins, one folder each (spec, rules, reference,
-kernels, trt). REGISTRY maps plugin name -> module path; adding a plugin is a
-folder plus one line here."""
+kernels, trt). REGISTRY maps plugin name -> the module with its TensorRT creator (the
+plugin's trt.py, which the runtime imports: it must not import torch or
+onnxscript); adding a plugin is a folder plus one line here."""
 
 import importlib
 

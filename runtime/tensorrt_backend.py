@@ -21,6 +21,14 @@ _NP = {"float": np.float32, "half": np.float16, "int64": np.int64, "int32": np.i
        "int8": np.int8, "uint8": np.uint8}
 
 
+def _np_dtype(trt_dtype, name: str):
+    key = str(trt_dtype).rsplit(".", 1)[-1].lower()
+    if key not in _NP:
+        raise TypeError(f"engine tensor {name} has type {key}, which the runtime does not stage; "
+                        f"keep engine I/O in fp32/fp16/int (fastertrt's cast pass does)")
+    return _NP[key]
+
+
 class _Bucket:
     """Buffers for one set of input shapes."""
 
@@ -76,7 +84,7 @@ class TrtGraph:
         mode = module.TensorIOMode.INPUT
         self.input_names = [n for n in io if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in io if self.engine.get_tensor_mode(n) != mode]
-        self.dtypes = {n: _NP[str(self.engine.get_tensor_dtype(n)).rsplit(".", 1)[-1].lower()] for n in io}
+        self.dtypes = {n: _np_dtype(self.engine.get_tensor_dtype(n), n) for n in io}
         self.cuda_graphs = cuda_graphs
         self.max_buckets = max_buckets
         self.buckets: dict[tuple, _Bucket] = {}

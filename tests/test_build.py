@@ -118,6 +118,19 @@ def test_compile_with_build_and_cli_build_inspect(tmp_path, capsys):
     assert load(out).encode([[5, 6, 7]])["last_hidden_state"].shape == (1, 3, 32)
 
 
+def test_rtx_parser_library_link_is_made_by_fastertrt():
+    import importlib.util
+    from pathlib import Path
+
+    from fastertrt.compiler.build.backends import load_backend
+
+    load_backend("tensorrt-rtx")
+    libs = Path(list(importlib.util.find_spec("tensorrt_rtx_libs").submodule_search_locations)[0])
+    link = libs / "libtensorrt_rtx.so"
+    assert link.is_symlink() or link.is_file()
+    assert link.resolve() == (libs / "libtensorrt_rtx.so.1").resolve()
+
+
 # --- bad input ------------------------------------------------------------------
 
 
