@@ -83,12 +83,6 @@ class ModelSource:
         return family_for(self.model_type, where=self.ref)
 
     # --- loading -------------------------------------------------------------
-    def load_config(self):
-        from transformers import AutoConfig
-
-        kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        return AutoConfig.from_pretrained(str(self.folder), **kw)
-
     def load_torch(self, attn_implementation: str = "sdpa"):
         """The torch model in FP32 eval mode: the base model for encoders, the
         causal-LM model for decoders."""

@@ -13,7 +13,6 @@ class Progress:
     def __init__(self, stream=None, enabled: bool = True):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
-        self.timings: dict[str, float] = {}
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -30,10 +29,8 @@ class Progress:
             if self.enabled:
                 print(f"  {msg}: failed after {time.perf_counter() - start:.1f} s", file=self.stream, flush=True)
             raise
-        took = time.perf_counter() - start
-        self.timings[msg] = took
         if self.enabled:
-            print(f"  {msg}: done in {took:.1f} s", file=self.stream, flush=True)
+            print(f"  {msg}: done in {time.perf_counter() - start:.1f} s", file=self.stream, flush=True)
 
 
 def quiet() -> Progress:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Tolerance:
     atol: float
-    rtol: float = 0.0
     min_cosine: float = 0.0
 
 

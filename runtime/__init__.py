@@ -59,7 +59,7 @@ def _tensorrt_graphs(bundle: Path, manifest: dict, precision, cuda_graphs: bool,
     try:
         from fastertrt.runtime.tensorrt_backend import TrtGraph
 
-        return {name: TrtGraph(bundle / e["file"], e, manifest["graphs"][name], cuda_graphs)
+        return {name: TrtGraph(bundle / e["file"], e, cuda_graphs)
                 for name, e in chosen.items()}
     except FastertrtError as exc:
         if strict:

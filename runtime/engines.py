@@ -27,10 +27,6 @@ def installed_backends() -> dict:
     return out
 
 
-def cc_name(major: int, minor: int) -> str:
-    return f"sm{major}{minor}"
-
-
 def check_compatible(entry: dict, backend_versions: dict, gpu_cc: str | None) -> None:
     """Raise EngineMismatchError naming both sides when `entry` cannot run here."""
     backend, built = entry["backend"], entry["backend_version"]

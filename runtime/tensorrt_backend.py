@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastertrt.plugins import register_all
 from fastertrt.runtime.engines import check_compatible, check_plugins, find_profile, installed_backends
 from fastertrt.runtime.gpu import check, cudart, gpu_compute_capability
 
@@ -33,7 +34,6 @@ class _Bucket:
     """Buffers for one set of input shapes."""
 
     def __init__(self, rt, names_shapes: dict, dtypes: dict):
-        self.shapes = names_shapes
         self.device, self.host = {}, {}
         for name, shape in names_shapes.items():
             dt = np.dtype(dtypes[name])
@@ -55,8 +55,8 @@ class _Bucket:
 
 
 class TrtGraph:
-    def __init__(self, path: Path, entry: dict, spec: dict, cuda_graphs: bool = False, max_buckets: int = 8):
-        self.entry, self.spec, self.path = entry, spec, Path(path)
+    def __init__(self, path: Path, entry: dict, cuda_graphs: bool = False, max_buckets: int = 8):
+        self.entry, self.path = entry, Path(path)
         versions = installed_backends()
         check_plugins(entry)
         check_compatible(entry, versions, None)  # no CUDA yet: backend and version first
@@ -71,7 +71,7 @@ class TrtGraph:
         self.trt = module
         self.rt = cudart()
         self.logger = module.Logger(module.Logger.WARNING)
-        self._register_plugins()
+        register_all(module)
         self.runtime = module.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
@@ -89,11 +89,6 @@ class TrtGraph:
         self.max_buckets = max_buckets
         self.buckets: dict[tuple, _Bucket] = {}
         self.profile = -1
-
-    def _register_plugins(self) -> None:
-        from fastertrt.plugins import register_all
-
-        register_all(self.trt)
 
     def _bucket(self, feeds: dict) -> tuple[_Bucket, bool]:
         key = tuple((n, feeds[n].shape) for n in self.input_names)
