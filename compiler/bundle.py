@@ -73,8 +73,13 @@ def save_tokenizer(tokenizer, stage: Path) -> dict | None:
     }
 
 
+# Keys write_manifest derives itself; a manifest read back and rewritten (fastertrt
+# build) gets them anew.
+_DERIVED_KEYS = ("schema_version", "created_utc", "files", "manifest_sha256")
+
+
 def write_manifest(stage: Path, manifest: dict) -> dict:
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
+    manifest = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in manifest.items() if k not in _DERIVED_KEYS}}
     manifest["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     manifest["files"] = file_entries(stage)
     manifest["manifest_sha256"] = manifest_digest(manifest)

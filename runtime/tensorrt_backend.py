@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastertrt.plugins import register_all
-from fastertrt.runtime.engines import check_compatible, check_plugins, find_profile, installed_backends
+from fastertrt.runtime.engines import TRT_MODULES, check_compatible, check_plugins, find_profile, installed_backends
 from fastertrt.runtime.gpu import check, cudart, gpu_compute_capability
 
 _NP = {"float": np.float32, "half": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
@@ -67,7 +67,7 @@ class TrtGraph:
             raise EngineMismatchError(f"engine {entry['file']} needs an NVIDIA GPU and driver; none is usable "
                                       f"here. Load with backend='onnxruntime' instead.")
         check_compatible(entry, versions, gpu)
-        module = __import__("tensorrt" if entry["backend"] == "tensorrt" else "tensorrt_rtx")
+        module = __import__(TRT_MODULES[entry["backend"]])
         self.trt = module
         self.rt = cudart()
         self.logger = module.Logger(module.Logger.WARNING)

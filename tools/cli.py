@@ -66,13 +66,13 @@ def _build_options(args):
     import importlib.util
 
     from fastertrt.compiler.build import BuildOptions
+    from fastertrt.runtime.engines import TRT_MODULES
 
     backend = args.backend
     if backend == "none":
         return None
-    if backend == "auto":
-        backend = next((b for b, mod in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx"))
-                        if importlib.util.find_spec(mod)), None)
+    if backend == "auto":  # standard TensorRT first: it is listed first
+        backend = next((b for b, mod in TRT_MODULES.items() if importlib.util.find_spec(mod)), None)
         if backend is None:
             print("  no TensorRT package installed: the bundle holds ONNX only "
                   "(pip install 'fastertrt[rtx]' to build engines without a GPU)", file=sys.stderr)

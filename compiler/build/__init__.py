@@ -112,8 +112,5 @@ def build_bundle(bundle, opts: BuildOptions, progress=None) -> Path:
                 os.link(bundle / rel, dst)  # same filesystem: no copy of large weights
             except OSError:
                 shutil.copy2(bundle / rel, dst)
-        manifest = add_engines(stage, manifest, opts, progress)
-        manifest = {k: v for k, v in manifest.items() if k not in ("files", "schema_version", "created_utc",
-                                                                    "manifest_sha256")}
-        write_manifest(stage, manifest)
+        write_manifest(stage, add_engines(stage, manifest, opts, progress))
     return bundle

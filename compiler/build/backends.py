@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastertrt.errors import BuildError, MissingDependencyError
+from fastertrt.runtime.engines import TRT_MODULES
 
-BACKENDS = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
+BACKENDS = TRT_MODULES  # backend name -> import name
 INSTALL = {"tensorrt-rtx": "pip install 'fastertrt[rtx]'",
            "tensorrt": "pip install 'fastertrt[tensorrt]' on a machine with an NVIDIA GPU and driver"}
 # TensorRT-RTX's own targets (it has no Hopper, sm_90).
