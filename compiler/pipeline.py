@@ -12,8 +12,10 @@ from fastertrt.compiler.bundle import check_output, config_digest, graph_entry, 
 from fastertrt.compiler.models import from_loaded, resolve
 from fastertrt.errors import MissingDependencyError
 from fastertrt.progress import quiet
+from fastertrt.versions import package_versions
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+EXPORT_PACKAGES = ("fastertrt", "torch", "transformers", "onnx", "onnxruntime")  # recorded in the manifest
 
 
 def require_compile_deps() -> None:
@@ -23,16 +25,6 @@ def require_compile_deps() -> None:
             f"compiling needs {', '.join(missing)}, which this Python lacks. Install the compiler: "
             f"pip install torch==2.13.0 && pip install 'fastertrt[compile,models]'"
         )
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"fastertrt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _token_ids(model, tokenizer) -> dict:
@@ -115,7 +107,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             "export": {
                 "exporter": "torch.onnx dynamo",
                 "attn_implementation": attn_implementation,
-                "versions": _versions(),
+                "versions": package_versions(*EXPORT_PACKAGES),
                 "parity": result.parity.to_json() if result.parity else None,
             },
         }
@@ -148,7 +140,7 @@ def compile_module(module, example_inputs: dict, output, output_names=None, dyna
             "model": {"family": "module", "source": {"kind": "module", "ref": type(module).__name__}, **result.info},
             "graphs": {g.name: graph_entry(g, stage) for g in result.graphs},
             "tokenizer": None,
-            "export": {"exporter": "torch.onnx dynamo", "versions": _versions(),
+            "export": {"exporter": "torch.onnx dynamo", "versions": package_versions(*EXPORT_PACKAGES),
                        "parity": result.parity.to_json() if result.parity else None},
         })
     return Path(output).resolve()

@@ -16,6 +16,7 @@ import numpy as np
 
 from fastertrt.errors import FastertrtError
 from fastertrt.runtime.manifest import read_manifest, verify_files
+from fastertrt.versions import package_versions
 
 PROMPT_TEXT = ("The history of computing is a story of machines that learned to do arithmetic faster, "
                "then to store programs, then to talk to each other across the world.")
@@ -102,7 +103,8 @@ def run_bench(args) -> dict:
         "bundle": str(bundle.resolve()), "model": info.get("family"), "source": info["source"], "kind": kind,
         "threads": threads, "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                         "python": platform.python_version()},
-        "versions": _versions(), "results": results,
+        "versions": package_versions("fastertrt", "onnxruntime", "numpy", "torch", "transformers"),
+        "results": results,
         "engines": [{k: e[k] for k in ("graph", "backend", "backend_version", "precision", "bytes", "build_seconds",
                                        "layers", "output_precisions", "compute_capabilities")}
                     for e in manifest.get("engines", [])],
@@ -140,16 +142,6 @@ def _annotate(results: list) -> None:
                     r["same_tokens_as_torch"] = r["tokens"] == ref["tokens"]
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("fastertrt", "onnxruntime", "numpy", "torch", "transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def format_table(report: dict) -> str:
