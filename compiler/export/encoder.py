@@ -63,20 +63,21 @@ def export_encoder(model, out_dir: Path, pooling: dict | None = None, parity: bo
     if parity:
         with step("parity check: ONNX Runtime vs torch"):
             report = ParityReport()
+            session = ort_session(path)
             # A second shape (batch 3, longer seq) proves the dims really are dynamic.
             for run, (b, s) in {"b2s16": (2, 16), "b3s24": (3, 24)}.items():
                 run_feeds = example_inputs(names, vocab, b, min(s, _max_len(model)), seed=b)
-                check_encoder(graph, path, run_feeds, report, run)
+                check_encoder(graph, session, run_feeds, report, run)
     info = {"input_names": names, "pooling": pooling, "vocab_size": vocab}
     return ExportResult("encoder", [exported], report, info, attn_implementation)
 
 
-def check_encoder(graph, path, feeds: dict, report: ParityReport, run: str) -> None:
+def check_encoder(graph, session, feeds: dict, report: ParityReport, run: str) -> None:
     import torch
 
     with torch.no_grad():
         ref = graph(*(torch.from_numpy(v) for v in feeds.values()))
-    got = ort_session(path).run(None, feeds)
+    got = session.run(None, feeds)
     valid = feeds["attention_mask"] > 0
     for name, g, r in zip(graph.output_names(), got, ref):
         row_valid = valid if g.ndim == 3 else None
