@@ -52,11 +52,14 @@ def _max_length(model, family, pooling) -> int:
 
 
 def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool = True,
-                  overwrite: bool = False, tokenizer=None, progress=None, build=None) -> Path:
+                  overwrite: bool = False, tokenizer=None, progress=None, build=None,
+                  plugins: bool = True, allow_partial: bool = False) -> Path:
     """Compile a shipped model name, a Hugging Face folder, or a loaded
     transformers model into a bundle folder at `output`. Returns its path.
 
-    build: a fastertrt.compiler.build.BuildOptions to also build TensorRT engines."""
+    build: a fastertrt.compiler.build.BuildOptions to also build TensorRT engines.
+    plugins: replace attention with fastertrt's plugin (fused graphs); every block
+    must fuse unless allow_partial."""
     progress = progress or quiet()
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
@@ -88,6 +91,11 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             progress.info(f"  export parity (ONNX Runtime vs torch, valid positions): max abs diff "
                           f"{result.parity.worst:.3g}, relative to output scale {result.parity.worst_rel:.3g}")
             result.parity.check(f"export of {source.ref}")
+        graph_extras, rewrite_report = {}, None
+        if plugins:
+            from fastertrt.compiler.rewrite import fuse_export
+
+            graph_extras, result.graphs, rewrite_report = fuse_export(stage, result, allow_partial, parity, progress)
         tok = save_tokenizer(tokenizer, stage)
         model_info = {
             "family": family.name,
@@ -102,7 +110,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             "fastertrt_version": __version__,
             "kind": result.kind,
             "model": model_info,
-            "graphs": {g.name: graph_entry(g, stage) for g in result.graphs},
+            "graphs": {g.name: {**graph_entry(g, stage), **graph_extras.get(g.name, {})} for g in result.graphs},
             "tokenizer": tok,
             "export": {
                 "exporter": "torch.onnx dynamo",
@@ -110,6 +118,8 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
                 "versions": package_versions(*EXPORT_PACKAGES),
                 "parity": result.parity.to_json() if result.parity else None,
             },
+            "rewrite": {"plugins": plugins, "allow_partial": allow_partial,
+                        "parity": rewrite_report.to_json() if rewrite_report else None},
         }
         if build is not None:
             from fastertrt.compiler.build import add_engines

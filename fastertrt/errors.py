@@ -65,6 +65,11 @@ class OutputExistsError(FastertrtError):
     """The output path exists and overwriting was not asked for."""
 
 
+# --- rewrite -------------------------------------------------------------------
+class RewriteError(FastertrtError):
+    """A graph could not be fused with fastertrt's plugins as asked."""
+
+
 # --- build ---------------------------------------------------------------------
 class BuildError(FastertrtError):
     """TensorRT could not parse or build the graph."""

@@ -5,7 +5,10 @@ onnxscript); adding a plugin is a folder plus one line here."""
 
 import importlib
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.trt"}
+# plugin name -> the module with its rewrite rules (find_blocks, rule_set, explain,
+# attach_functions); compile-time only (it imports onnxscript)
+REWRITES: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.rules"}
 
 
 def register_all(trt_module) -> list[str]:
@@ -15,3 +18,12 @@ def register_all(trt_module) -> list[str]:
         importlib.import_module(module).register(trt_module)
         done.append(name)
     return done
+
+
+def set_build_targets(ccs) -> None:
+    """GPU compute capabilities (ints) that plugin kernels are compiled for in the
+    next engine builds."""
+    for module in REGISTRY.values():
+        mod = importlib.import_module(module)
+        if hasattr(mod, "set_build_targets"):
+            mod.set_build_targets(ccs)

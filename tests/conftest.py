@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny  # noqa: E402
 
-PARITY_ROWS: list[tuple[str, float, float]] = []
+PARITY_ROWS: list[tuple] = []
 
 
 class BundleCache:
@@ -43,7 +43,12 @@ class BundleCache:
         out = compile_model(model, self.root / f"{label}.bundle", attn_implementation=impl)
         manifest = json.loads((out / "manifest.json").read_text())
         par = manifest["export"]["parity"]
-        PARITY_ROWS.append((label, par["max_abs_diff"], par["max_rel_diff"]))
+        fused = manifest["rewrite"]["parity"] or {}
+        counts = [(r["fused"], r["blocks"]) for g in manifest["graphs"].values()
+                  for r in g.get("rewrite", {}).values()]
+        fused_text = " ".join(f"{f}/{b}" for f, b in counts) or "-"
+        PARITY_ROWS.append((label, par["max_abs_diff"], par["max_rel_diff"], fused.get("max_abs_diff", float("nan")),
+                            fused_text))
         return out
 
 
@@ -70,7 +75,9 @@ def bundles(tmp_path_factory) -> BundleCache:
 
 def pytest_terminal_summary(terminalreporter):
     if PARITY_ROWS:
-        terminalreporter.write_sep("-", "export parity, ONNX Runtime vs torch on valid positions")
-        terminalreporter.write_line(f"{'bundle':<28} {'max abs diff':>12} {'rel to scale':>12}")
-        for label, diff, rel in PARITY_ROWS:
-            terminalreporter.write_line(f"{label:<28} {diff:>12.3g} {rel:>12.3g}")
+        terminalreporter.write_sep("-", "parity on valid positions: export (ONNX Runtime vs torch), "
+                                        "rewrite (fused vs exported graph)")
+        terminalreporter.write_line(f"{'bundle':<28} {'export abs':>11} {'export rel':>11} {'rewrite abs':>11}  "
+                                    f"fused/blocks per graph")
+        for label, diff, rel, fused, counts in PARITY_ROWS:
+            terminalreporter.write_line(f"{label:<28} {diff:>11.3g} {rel:>11.3g} {fused:>11.3g}  {counts}")

@@ -29,14 +29,16 @@ def _copy(src, tmp_path, name="b.bundle"):
     return dst
 
 
-def _check_engine_entry(bundle, entry):
+def _check_engine_entry(bundle, entry, attention_layers: int = 2):
     path = bundle / entry["file"]
     assert path.stat().st_size == entry["bytes"] > 100_000
     assert sha256_file(path) == entry["sha256"]  # the file on disk is the whole engine that was built
     assert entry["backend"] == "tensorrt-rtx" and entry["backend_version"].startswith("1.")
     assert entry["compute_capabilities"] == ["sm80", "sm86", "sm89"]
     assert entry["layers"] > 10 and entry["layer_types"]["MATRIX_MULTIPLY"] >= 4
-    assert entry["plugins"] == [] and entry["plugin_layers"] == []
+    # attention is fastertrt's plugin, one layer per block, and nothing was inlined
+    assert entry["plugins"] == [{"name": "FastertrtAttention", "version": "1", "count": attention_layers}]
+    assert len(entry["plugin_layers"]) == attention_layers and "SOFTMAX" not in entry["layer_types"]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +63,14 @@ def test_tiny_bert_fp32_and_fp16_engines(tiny_bert_engines):
         assert [t["name"] for t in e["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
         assert e["outputs"][0]["name"] == "last_hidden_state" and e["outputs"][0]["dtype"] == "float"
     assert "half" not in fp32["output_precisions"]
-    assert fp16["output_precisions"]["half"] > 0 and fp16["source_onnx"] == "model.fp16.onnx"
+    assert fp16["output_precisions"]["half"] > 0 and fp16["source_onnx"] == "fused.fp16.onnx"
     # the fp16 graph the engine came from runs on ONNX Runtime and stays close to fp32
     import onnxruntime as ort
 
     ids = np.arange(4, 20, dtype=np.int64).reshape(2, 8)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    a = ort.InferenceSession(str(tiny_bert_engines / "model.onnx")).run(None, feeds)[0]
-    b = ort.InferenceSession(str(tiny_bert_engines / "model.fp16.onnx")).run(None, feeds)[0]
+    a = ort.InferenceSession(str(tiny_bert_engines / "fused.onnx")).run(None, feeds)[0]
+    b = ort.InferenceSession(str(tiny_bert_engines / "fused.fp16.onnx")).run(None, feeds)[0]
     assert 0 < np.abs(a - b).max() < 2e-2
 
 
@@ -76,8 +78,9 @@ def test_minilm_fp16_engine(bundles, tmp_path):
     bundle = _copy(bundles.shipped("minilm"), tmp_path)
     build_bundle(bundle, BuildOptions(precision="fp16", shapes="batch=1:8:32,seq=1:128:256"))
     (e,) = _manifest(bundle)["engines"]
-    _check_engine_entry(bundle, e)
-    assert e["layer_types"]["MATRIX_MULTIPLY"] == 48 and e["output_precisions"]["half"] >= 72
+    _check_engine_entry(bundle, e, attention_layers=6)
+    # 6 layers x (Q, K, V, output, 2 feed-forward): attention's own MatMuls are in the plugin
+    assert e["layer_types"]["MATRIX_MULTIPLY"] == 36 and e["output_precisions"]["half"] >= 72
     assert [t["name"] for t in e["outputs"]] == ["last_hidden_state", "sentence_embedding"]
 
 

@@ -16,6 +16,7 @@ examples:
   fastertrt compile minilm -o minilm.bundle            # the shipped MiniLM sentence encoder
   fastertrt compile smollm2 -o smollm2.bundle          # the shipped SmolLM2-135M decoder
   fastertrt compile ./my-bert-folder -o bert.bundle --attn-implementation eager
+  fastertrt compile ./my-model -o my.bundle --allow-partial   # fuse what matches, keep the rest as ONNX
   fastertrt compile minilm -o minilm.bundle --backend tensorrt-rtx --precision fp16 --shapes batch=1:8:32,seq=1:128:256
 """
 EPILOG_RUN = """\
@@ -106,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
                    help="attention implementation to load the torch model with (default: sdpa)")
     c.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs torch check")
+    c.add_argument("--allow-partial", action="store_true",
+                   help="keep going when some attention blocks match no rule (they stay plain ONNX)")
+    c.add_argument("--no-plugins", action="store_true",
+                   help="do not replace attention with fastertrt's plugin (the engine uses TensorRT's own)")
     c.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     _add_build_args(c, auto=True)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -173,7 +178,8 @@ def _compile(args) -> int:
     progress = Progress(enabled=not args.quiet)
     progress.info(f"fastertrt compile {args.model} -> {args.output}")
     compile_model(args.model, args.output, attn_implementation=args.attn_implementation,
-                  parity=not args.no_parity, overwrite=args.force, progress=progress, build=_build_options(args))
+                  parity=not args.no_parity, overwrite=args.force, progress=progress, build=_build_options(args),
+                  plugins=not args.no_plugins, allow_partial=args.allow_partial)
     return 0
 
 

@@ -78,7 +78,7 @@ def add_engines(stage: Path, manifest: dict, opts: BuildOptions, progress=None) 
         entry = {
             "graph": name, "file": rel, "source_onnx": src.relative_to(stage).as_posix(),
             "backend": opts.backend, "backend_version": backend.version, "precision": opts.precision,
-            "profiles": profiles[name], "plugins": [], "bytes": len(data), "sha256": sha256_file(path),
+            "profiles": profiles[name], "bytes": len(data), "sha256": sha256_file(path),
             **summary,
         }
         if not backend.is_rtx:  # standard TensorRT builds for the GPU it ran on

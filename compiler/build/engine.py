@@ -55,10 +55,59 @@ def network_summary(network) -> dict:
     }
 
 
+def plugin_nodes(onnx_path: Path) -> dict:
+    """fastertrt plugin nodes of a graph: op type -> (count, plugin_version)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found: dict = {}
+    for node in model.graph.node:
+        if node.domain == "fastertrt":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if "plugin_namespace" not in attrs:
+                raise BuildError(f"plugin node {node.name} ({node.op_type}) lacks plugin_namespace: TensorRT's "
+                                 f"parser would inline its ONNX function instead. Re-run `fastertrt compile`.")
+            count, version = found.get(node.op_type, (0, attrs.get("plugin_version", b"")))
+            found[node.op_type] = (count + 1, version.decode() if isinstance(version, bytes) else str(version))
+    return found
+
+
+def check_plugin_layers(onnx_path: Path, summary: dict, backend) -> list[dict]:
+    """One plugin layer per plugin node, or a loud error: when a creator is not
+    registered, the parser quietly inlines the node's ONNX function instead."""
+    nodes = plugin_nodes(onnx_path)
+    want = sum(n for n, _ in nodes.values())
+    have = len(summary["plugin_layers"])
+    if have != want:
+        softmax = summary["layer_types"].get("SOFTMAX", 0)
+        raise BuildError(
+            f"{onnx_path.name} has {want} fastertrt plugin node(s) ({', '.join(nodes)}) but {backend.name} parsed "
+            f"{have} plugin layer(s) and {softmax} SOFTMAX layer(s): TensorRT inlined the plugins' ONNX functions "
+            f"instead of using the plugins. Their creators were not found in the plugin registry (namespace "
+            f"'fastertrt'); this fastertrt registers them itself, so check that fastertrt.plugins imports cleanly.")
+    return [{"name": name, "version": version, "count": count} for name, (count, version) in sorted(nodes.items())]
+
+
+def _kernel_targets(built_for: list[str]) -> list[int]:
+    """Plugin kernels are compiled for the engine's targets; standard TensorRT
+    builds for the GPU it runs on."""
+    if built_for == ["current"]:
+        from fastertrt.runtime.gpu import gpu_compute_capability
+
+        cc = gpu_compute_capability()
+        if cc is None:
+            raise BuildError("standard TensorRT builds on a GPU, and none is usable here")
+        return [int(cc[2:])]
+    return [int(t[2:]) for t in built_for]
+
+
 def build_engine(backend, onnx_path: Path, profiles: list[dict], targets: list[str] | None = None,
                  opt_level: int = 3, timing_cache: Path | None = None) -> tuple[bytes, dict]:
     """Returns (serialized engine, summary)."""
+    from fastertrt.plugins import register_all, set_build_targets
+
     trt = backend.trt
+    register_all(trt)  # before parsing: an unregistered plugin node is silently inlined
     logger = _logger(backend)
     builder = trt.Builder(logger)
     network = builder.create_network(backend.network_flags())
@@ -67,12 +116,14 @@ def build_engine(backend, onnx_path: Path, profiles: list[dict], targets: list[s
         errs = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise BuildError(f"{backend.name} {backend.version} cannot parse {onnx_path.name}: {errs or logger.errors}")
     summary = network_summary(network)
+    summary["plugins"] = check_plugin_layers(onnx_path, summary, backend)
 
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
     if not backend.is_rtx:  # standard TensorRT builds on a GPU: let its inspector see layer details
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     built_for = backend.set_targets(config, list(targets or []))
+    set_build_targets(_kernel_targets(built_for))
     backend.load_timing_cache(config, timing_cache)
     net_inputs = {t["name"] for t in summary["inputs"]}
     for prof in profiles:

@@ -7,9 +7,10 @@ FP32 on the way out. Everything else (LayerNorm, Softmax, reductions, residual
 adds, embeddings) stays FP32, so nothing that sums many values can overflow
 FP16; TensorRT fuses the casts into the neighbouring kernels.
 
-Attention's activation x activation MatMuls stay FP32 here: TensorRT-RTX 1.7's
-MHA fusion aborts ("CHECK(is_softmax(...))") when a Cast sits between Softmax
-and the second MatMul. The attention plugin sets attention's precision itself.
+Attention plugin nodes run in the target type too (their mask input stays FP32).
+In graphs without the plugin (--no-plugins), attention's activation x activation
+MatMuls stay FP32: TensorRT-RTX 1.7's MHA fusion aborts ("CHECK(is_softmax(...))")
+when a Cast sits between Softmax and the second MatMul.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def cast_model(model, precision: str) -> dict:
                 node.output[k] = name + suffix
                 new_nodes.append(helper.make_node("Cast", [node.output[k]], [name], to=onnx.TensorProto.FLOAT,
                                                   name=f"cast_fp32/{name}"))
+        elif _is_attention_plugin(node) and all(i in float_values for i in node.input if i):
+            # the plugin computes in the target type with FP32 accumulation; the
+            # additive mask stays FP32 (the plugin takes either)
+            n_compute += 1
+            names = _attention_input_names(node)
+            for k, name in enumerate(node.input):
+                if name and names[k] != "mask":
+                    node.input[k] = low(name)
+            for k, name in enumerate(node.output):
+                node.output[k] = name + suffix
+                new_nodes.append(helper.make_node("Cast", [node.output[k]], [name], to=onnx.TensorProto.FLOAT,
+                                                  name=f"cast_fp32/{name}"))
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(_toposort(new_nodes, {i.name for i in graph.input} | set(inits) | set(converted.values())))
@@ -82,6 +95,21 @@ def cast_model(model, precision: str) -> dict:
     graph.initializer.extend(kept)
     return {"compute_nodes": n_compute, "weights_converted": len(converted), "fp32_weights_dropped": dropped,
             "activation_casts": len(casts)}
+
+
+def _is_attention_plugin(node) -> bool:
+    from fastertrt.plugins.attention import spec
+
+    return node.domain == spec.DOMAIN and node.op_type == spec.NAME
+
+
+def _attention_input_names(node) -> list[str]:
+    from onnx import helper
+
+    from fastertrt.plugins.attention.spec import AttentionAttrs
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return AttentionAttrs.from_dict(attrs).input_names()
 
 
 def _float_tensors(model) -> set:
@@ -124,7 +152,9 @@ def _toposort(nodes: list, available: set) -> list:
 def write_cast_graph(src: Path, dst: Path, precision: str) -> dict:
     import onnx
 
-    model = onnx.load(str(src))  # with its external data
+    from fastertrt.compiler.export.shared_weights import load_with_weights
+
+    model = load_with_weights(src)
     stats = cast_model(model, precision)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(model, str(tmp))

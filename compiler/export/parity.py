@@ -45,21 +45,26 @@ class ParityReport:
         return {"max_abs_diff": self.worst, "max_rel_diff": self.worst_rel, "per_output": dict(self.max_abs),
                 "per_output_rel": dict(self.max_rel), "runs": self.runs}
 
-    def failures(self, precision: str = "fp32") -> dict:
+    def failures(self, precision: str = "fp32", stage: str = "export") -> dict:
         """Outputs off by more than atol both absolutely and relative to their scale.
 
         The relative bound matters for deep decoders: FP32 MatMuls that sum in a
         different order (ONNX Runtime's MLAS vs torch's BLAS) drift ~1e-5 of the
         value range over 30 layers, so logits of magnitude ~30 differ by ~5e-4."""
-        tol = tolerance("export", precision)
+        tol = tolerance(stage, precision)
         return {k: v for k, v in self.max_abs.items() if not (v <= tol.atol or self.max_rel[k] <= tol.atol)}
 
-    def check(self, what: str, precision: str = "fp32") -> None:
-        tol = tolerance("export", precision)
-        bad = self.failures(precision)
+    def check(self, what: str, precision: str = "fp32", stage: str = "export") -> None:
+        tol = tolerance(stage, precision)
+        bad = self.failures(precision, stage)
         if bad:
             worst = ", ".join(f"{k}={v:.3g} (rel {self.max_rel[k]:.3g})"
                               for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
+            if stage == "rewrite":
+                raise ParityError(
+                    f"{what}: the fused graph differs from the exported one on ONNX Runtime beyond {tol.atol:g}, "
+                    f"absolute and relative ({worst}). This is a fastertrt bug: please report it; "
+                    f"--no-plugins keeps the exported graph.")
             raise ParityError(
                 f"{what}: ONNX Runtime differs from torch beyond {tol.atol:g}, absolute and relative ({worst}). "
                 f"Try --attn-implementation eager, or pass --no-parity to keep the export anyway."
@@ -86,10 +91,14 @@ def masked_max_abs(ort_out: np.ndarray, torch_out: np.ndarray, valid: np.ndarray
     return float(diff.max()), float(np.abs(b).max())
 
 
-def ort_session(path, threads: int | None = None):
+def ort_session(path, threads: int | None = None, optimize: bool = True):
+    """optimize=False compares graphs as written: ONNX Runtime's fusions (e.g.
+    folding scales into MatMul) can make two different graphs compute identically."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

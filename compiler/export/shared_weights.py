@@ -29,7 +29,7 @@ def share_weights(graphs: list[Path], weights_name: str = "weights.bin") -> Path
     # files the exporter wrote for models over its external-data threshold
     old_files = {folder / e.value for g in graphs for t in _get_all_tensors(onnx.load(str(g), load_external_data=False))
                  for e in t.external_data if e.key == "location"}
-    models = [onnx.load(str(g)) for g in graphs]
+    models = [load_with_weights(g) for g in graphs]
     with open(tmp_data, "wb") as data:
         for model in models:
             for t in _get_all_tensors(model):
@@ -58,3 +58,32 @@ def share_weights(graphs: list[Path], weights_name: str = "weights.bin") -> Path
     for old in old_files - {data_path}:
         old.unlink(missing_ok=True)
     return data_path
+
+
+def load_with_weights(path: Path):
+    """onnx.load with external data read in. onnx's own loader refuses data files
+    with several hard links, and `fastertrt build` stages a bundle by linking."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    handles = {}
+    try:
+        for t in _get_all_tensors(model):
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            location = (path.parent / info["location"]).resolve()
+            if path.parent.resolve() not in location.parents:
+                raise ValueError(f"{path.name}: tensor {t.name} points outside its folder ({info['location']})")
+            fh = handles.get(location) or handles.setdefault(location, open(location, "rb"))
+            fh.seek(int(info.get("offset", 0)))
+            length = int(info["length"]) if "length" in info else -1
+            t.raw_data = fh.read(length)
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return model

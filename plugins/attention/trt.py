@@ -1,0 +1,305 @@
+"""The attention plugin for TensorRT (IPluginV3, Python), written once for
+`tensorrt` and `tensorrt_rtx`: the module is passed in, never imported here.
+
+Build time (no GPU needed): shapes and types come from spec.py; the Triton
+kernel is compiled ahead of time for the build's GPU targets and the cubins go
+into the plugin's serialized fields, so an engine carries its own kernels.
+Run time: the fields are read back and enqueue launches the cubin for this GPU
+with cuda-python on TensorRT's stream; the runtime needs neither Triton nor a
+compiler. The KV cache concat (has_past) is two strided device copies into the
+present outputs, then attention reads the whole cache from there.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from fastertrt.plugins.attention import spec
+from fastertrt.plugins.attention.spec import AttentionAttrs, AttentionSpecError
+
+KERNELS_FIELD = "kernels"
+INT_FIELDS = ("num_heads", "kv_num_heads", "head_size", "causal", "has_mask", "has_past", "qkv_packed")
+_BUILD_TARGETS: list[int] = []
+_REGISTERED: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def set_build_targets(ccs) -> None:
+    """Compute capabilities (ints, e.g. [80, 86, 89]) to compile kernels for in
+    the next engine builds; the build stage sets them from its targets."""
+    _BUILD_TARGETS[:] = sorted({int(c) for c in ccs})
+
+
+def build_targets() -> list[int]:
+    if _BUILD_TARGETS:
+        return list(_BUILD_TARGETS)
+    from fastertrt.plugins.attention.kernels import DEFAULT_TARGETS
+
+    return list(DEFAULT_TARGETS)
+
+
+def _dtype_names(trt) -> dict:
+    return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def attrs_from_fields(fields) -> tuple[AttentionAttrs, bytes | None]:
+    """AttentionAttrs (and serialized kernels, when present) from a PluginFieldCollection."""
+    values, kernels = {}, None
+    for f in fields:
+        if f.name == KERNELS_FIELD:
+            kernels = np.asarray(f.data).astype(np.int8).tobytes()
+        elif f.name in INT_FIELDS:
+            values[f.name] = int(np.asarray(f.data).reshape(-1)[0])
+        elif f.name == "scale":
+            values["scale"] = float(np.asarray(f.data).reshape(-1)[0])
+    return AttentionAttrs.from_dict(values), kernels
+
+
+def _make_classes(trt):
+    dtype_names = _dtype_names(trt)
+
+    class ExprDims:
+        """spec.output_shapes' dim algebra over TensorRT dimension expressions."""
+
+        def __init__(self, builder):
+            self.builder = builder
+
+        def add(self, a, b):
+            return self.builder.operation(trt.DimensionOperation.SUM, a, b)
+
+        def const(self, n):
+            return self.builder.constant(int(n))
+
+        @staticmethod
+        def value(d):
+            return d.get_constant_value() if d.is_constant() else None
+
+    class AttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(self, attrs: AttentionAttrs, kernels: bytes | None = None):
+            # each base's __init__ explicitly: super().__init__() alone crashes the bindings
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.attrs = attrs
+            self.num_outputs = len(attrs.output_names())
+            self.plugin_namespace = spec.NAMESPACE
+            self.plugin_name = spec.NAME
+            self.plugin_version = spec.VERSION
+            self.kernels_blob = kernels
+            self._kernels = None
+            self.io_dtype = None
+            self.mask_dtype = None
+
+        # -- core ----------------------------------------------------------------------
+        def get_capability_interface(self, type):
+            return self
+
+        def clone(self):
+            twin = AttentionPlugin(self.attrs, self.kernels_blob)
+            twin.io_dtype, twin.mask_dtype, twin._kernels = self.io_dtype, self.mask_dtype, self._kernels
+            return twin
+
+        # -- build ---------------------------------------------------------------------
+        def get_output_data_types(self, input_types):
+            names = [dtype_names.get(t, str(t)) for t in input_types]
+            spec.output_dtypes(self.attrs, names)  # raises with the reason on a bad type
+            return [input_types[0]] * self.num_outputs
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            shapes = [[d[i] for i in range(len(d))] for d in inputs]
+            out = spec.output_shapes(self.attrs, shapes, ExprDims(expr_builder))
+            return [trt.DimsExprs(o) for o in out]
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            desc = in_out[pos]
+            if desc.desc.format != trt.TensorFormat.LINEAR:
+                return False
+            io = in_out[0].desc.type
+            if pos == 0:
+                return io in dtype_names
+            is_mask = pos < num_inputs and self.attrs.input_names()[pos] == "mask"
+            return desc.desc.type == io or (is_mask and desc.desc.type == trt.DataType.FLOAT)
+
+        def configure_plugin(self, inp, out):
+            self.io_dtype = dtype_names[inp[0].desc.type]
+            if self.attrs.has_mask:
+                self.mask_dtype = dtype_names[inp[len(inp) - 1].desc.type]
+
+        def get_workspace_size(self, inp, out):
+            return 0
+
+        def get_valid_tactics(self):
+            return []
+
+        def get_fields_to_serialize(self):
+            # a PluginField points into its array without owning it: keep the arrays alive
+            self._field_arrays = [(name, np.array([getattr(self.attrs, name)], dtype=np.int32),
+                                   trt.PluginFieldType.INT32) for name in INT_FIELDS]
+            self._field_arrays.append(("scale", np.array([self.attrs.scale], dtype=np.float32),
+                                       trt.PluginFieldType.FLOAT32))
+            self._field_arrays.append((KERNELS_FIELD, np.frombuffer(self._kernel_blob(), dtype=np.int8).copy(),
+                                       trt.PluginFieldType.INT8))
+            return trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+
+        def _kernel_blob(self) -> bytes:
+            if self.kernels_blob is None:
+                self.kernels_blob = compile_kernels(self.attrs, self.io_dtype or "float32", self.mask_dtype)
+            return self.kernels_blob
+
+        # -- runtime -------------------------------------------------------------------
+        def set_tactic(self, tactic):
+            pass
+
+        def on_shape_change(self, inp, out):
+            pass
+
+        def attach_to_context(self, context):
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            if self._kernels is None:
+                from fastertrt.plugins.cuda_launch import unpack_kernels
+
+                if self.kernels_blob is None:
+                    raise AttentionSpecError("attention plugin has no kernels: the engine was built without them")
+                self._kernels = unpack_kernels(self.kernels_blob)
+            dims = [tuple(int(x) for x in d.dims) for d in input_desc]
+            io = dtype_names[input_desc[0].type]
+            enqueue_attention(self.attrs, self._kernels, dims, list(inputs), list(outputs), _ITEMSIZE[io], int(stream))
+
+    class AttentionCreator(trt.IPluginCreatorV3One):
+        def __init__(self):
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name = spec.NAME
+            self.plugin_namespace = spec.NAMESPACE
+            self.plugin_version = spec.VERSION
+            self._field_arrays = [(n, np.array([0], dtype=np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
+            self._field_arrays.append(("scale", np.array([1.0], dtype=np.float32), trt.PluginFieldType.FLOAT32))
+            self._field_arrays.append((KERNELS_FIELD, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8))
+            self.field_names = trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+
+        def create_plugin(self, name, field_collection, phase):
+            attrs, kernels = attrs_from_fields(field_collection)
+            return AttentionPlugin(attrs, kernels)
+
+    return AttentionPlugin, AttentionCreator
+
+
+def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None) -> bytes:
+    """Cubins of this node's kernel variant for the build targets, packed for a plugin field."""
+    try:
+        from fastertrt.plugins.attention.kernels import KernelVariant, compile_for_targets
+        from fastertrt.plugins.cuda_launch import pack_kernels
+    except ImportError as exc:
+        from fastertrt.errors import MissingDependencyError
+
+        raise MissingDependencyError("building engines with fastertrt's attention plugin compiles its Triton "
+                                     "kernels: pip install 'fastertrt[kernels]'") from exc
+    variant = KernelVariant(io_dtype, attrs.head_size, attrs.has_mask, attrs.causal, mask_dtype or "float32")
+    return pack_kernels(compile_for_targets(variant, build_targets()))
+
+
+def mask_strides(mask_dims: tuple, b: int, hq: int, s: int, t: int) -> tuple[int, int, int, int]:
+    """Element strides of an additive mask broadcast to [B, Hq, S, T] (0 on broadcast axes)."""
+    full = (1,) * (4 - len(mask_dims)) + tuple(mask_dims)
+    want = (b, hq, s, t)
+    for axis, (have, need) in enumerate(zip(full, want)):
+        if have not in (1, need):
+            raise AttentionSpecError(f"attention mask dims {mask_dims} do not broadcast to {want} (axis {axis})")
+    strides, step = [0, 0, 0, 0], 1
+    for axis in (3, 2, 1, 0):
+        strides[axis] = 0 if full[axis] == 1 and want[axis] != 1 else step
+        step *= full[axis]
+    return tuple(strides)
+
+
+def enqueue_attention(attrs: AttentionAttrs, kernels: dict, dims: list, inputs: list, outputs: list,
+                      itemsize: int, stream: int) -> None:
+    """Launch one plugin node on device pointers (the body of enqueue, also what
+    the GPU tests call). dims: the input shapes in spec order."""
+    from fastertrt.plugins.attention.launch import attention_launch, bhsd_strides, packed_qkv_strides
+
+    named = dict(zip(attrs.input_names(), zip(dims, inputs)))
+    hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
+    if attrs.qkv_packed:
+        (b, s, _), base = named["qkv"]
+        offsets, strides = packed_qkv_strides(hq, hkv, s, d)
+        q_ptr, k_ptr, v_ptr = (base + off * itemsize for off in offsets)
+        q_strides = k_strides = v_strides = strides
+        new = s
+    else:
+        (b, _, s, _), q_ptr = named["query"]
+        (_, _, new, _), k_ptr = named["key"]
+        v_ptr = named["value"][1]
+        q_strides, k_strides, v_strides = bhsd_strides(b, hq, s, d), bhsd_strides(b, hkv, new, d), \
+            bhsd_strides(b, hkv, new, d)
+    t = new
+    if attrs.has_past:
+        past = named["past_key"][0][2]
+        t = past + new
+        for src_past, src_new, new_strides, dst in ((named["past_key"][1], k_ptr, k_strides, outputs[1]),
+                                                     (named["past_value"][1], v_ptr, v_strides, outputs[2])):
+            copy_into_cache(dst, src_past, src_new, new_strides, b, hkv, past, new, d, itemsize, stream)
+        k_ptr, v_ptr = outputs[1], outputs[2]
+        k_strides = v_strides = bhsd_strides(b, hkv, t, d)
+    mask_ptr, m_strides = 0, None
+    if attrs.has_mask:
+        mask_dims, mask_ptr = named["mask"]
+        m_strides = mask_strides(mask_dims, b, hq, s, t)
+    attention_launch(kernels, q_ptr, k_ptr, v_ptr, mask_ptr, outputs[0], q_strides, k_strides, v_strides,
+                     bhsd_strides(b, hq, s, d), m_strides, b, hq, s, t, attrs.group, attrs.scale, stream)
+
+
+def copy_into_cache(dst: int, past: int, new: int, new_strides, b: int, h: int, p: int, n: int, d: int,
+                    itemsize: int, stream: int) -> None:
+    """present[b, h] = concat(past[b, h], new[b, h]) along the sequence, on the stream."""
+    row = d * itemsize
+    t = p + n
+    if p:
+        _copy_2d(dst, t * row, past, p * row, p * row, b * h, stream)
+    if not n:
+        return
+    sb, sh, ss, _ = new_strides
+    if ss == d and sh == n * d and sb == h * n * d:  # contiguous [B, H, N, D]: one copy
+        _copy_2d(dst + p * row, t * row, new, n * row, n * row, b * h, stream)
+        return
+    for bi in range(b):  # strided heads (packed qkv): one copy per (batch, head)
+        for hi in range(h):
+            src = new + (bi * sb + hi * sh) * itemsize
+            dst_bh = dst + ((bi * h + hi) * t + p) * row
+            _copy_2d(dst_bh, row, src, ss * itemsize, row, n, stream)
+
+
+def _copy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, stream: int) -> None:
+    from cuda.bindings import driver
+
+    from fastertrt.plugins.cuda_launch import driver_call
+
+    desc = driver.CUDA_MEMCPY2D()
+    desc.srcMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
+    desc.srcDevice = src
+    desc.srcPitch = src_pitch
+    desc.dstMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
+    desc.dstDevice = dst
+    desc.dstPitch = dst_pitch
+    desc.WidthInBytes = width
+    desc.Height = height
+    driver_call("cuMemcpy2DAsync", desc, driver.CUstream(stream))
+
+
+def register(trt_module) -> None:
+    """Register the creator with `trt_module`'s plugin registry (once per module)."""
+    with _LOCK:
+        key = trt_module.__name__
+        if key in _REGISTERED:
+            return
+        _, creator_cls = _make_classes(trt_module)
+        creator = creator_cls()
+        trt_module.get_plugin_registry().register_creator(creator, spec.NAMESPACE)
+        _REGISTERED[key] = creator  # the registry holds a pointer: keep the Python object alive
