@@ -61,8 +61,15 @@ def describe(bundle) -> tuple[str, dict]:
         lines.append(f"parity   ONNX Runtime vs torch: max abs diff {par['max_abs_diff']:.3g}, relative to output "
                      f"scale {par.get('max_rel_diff', float('nan')):.3g}" if par else
                      "parity   not checked (--no-parity)")
+    rw = (m.get("rewrite") or {}).get("parity")
+    if rw:
+        lines.append(f"rewrite  fused vs exported graph on ONNX Runtime: max abs diff {rw['max_abs_diff']:.3g}")
     for name, g in m["graphs"].items():
-        lines.append(f"graph    {name}: {g['file']} (opset {g['opset']})")
+        lines.append(f"graph    {name}: {g['file']} (opset {g['opset']})"
+                     + (f", exported as {g['exported']}" if g.get("exported") else ""))
+        for plugin, r in (g.get("rewrite") or {}).items():
+            rules = ", ".join(f"{k} {v}" for k, v in r["by_rule"].items() if v)
+            lines.append(f"           {plugin}: fused {r['fused']} of {r['blocks']} blocks ({rules or 'no rule applied'})")
         for direction in ("inputs", "outputs"):
             for name, dtype, shape in _grouped(g[direction]):
                 lines.append(f"           {'in' if direction == 'inputs' else 'out':<3} {name:<40} {dtype:<8} {_dims(shape)}")
@@ -75,7 +82,8 @@ def describe(bundle) -> tuple[str, dict]:
                      + ", ".join(f"{k} {v}" for k, v in e["output_precisions"].items()))
         lines.append("           layer types " + ", ".join(f"{k} {v}" for k, v in list(e["layer_types"].items())[:8])
                      + (" ..." if len(e["layer_types"]) > 8 else ""))
-        plugins = ", ".join(f"{p['name']} v{p.get('version', '?')}" for p in e.get("plugins", [])) or "none"
+        plugins = ", ".join(f"{p['name']} v{p.get('version', '?')} x{p.get('count', '?')}"
+                            for p in e.get("plugins", [])) or "none"
         lines.append(f"           plugins {plugins}")
         for i, prof in enumerate(e["profiles"]):
             dims = ", ".join(f"{d}={r[0]}:{r[1]}:{r[2]}" for d, r in prof["dims"].items())

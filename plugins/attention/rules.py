@@ -245,15 +245,23 @@ def plan_core(b: dict):
     if b.get("nan_guard") is True and _scalar(b["zero"]) != 0.0:
         return "the Softmax NaN guard replaces NaN with a value other than 0"
     has_mask = int(bool(b.get("masked")))
-    if has_mask:
-        mask_dims = _dims(b["mask"])
-        if mask_dims is None or len(mask_dims) > 4:
-            return f"mask shape {mask_dims} is not broadcastable to [B, H, S, T]"
-        if len(mask_dims) == 4 and isinstance(mask_dims[1], int) and mask_dims[1] not in (1, hq):
-            return f"mask has {mask_dims[1]} heads; expected 1 or {hq}"
+    if has_mask and (problem := _mask_problem(_dims(b["mask"]), hq)):
+        return problem
     attrs = spec.AttentionAttrs(num_heads=hq, kv_num_heads=hkv, head_size=d, scale=float(np.float32(scale)),
                                 has_mask=has_mask)
     return {"attrs": attrs, "key_from_bthd": key_from_bthd}
+
+
+def _mask_problem(mask_dims, hq: int) -> str | None:
+    """Why the plugin cannot take this mask, or None. The kernel reads the mask
+    along keys with unit stride, so a mask broadcast along keys does not fit."""
+    if mask_dims is None or not 1 <= len(mask_dims) <= 4:
+        return f"mask shape {mask_dims} is not broadcastable to [B, H, S, T]"
+    if len(mask_dims) == 4 and isinstance(mask_dims[1], int) and mask_dims[1] not in (1, hq):
+        return f"mask has {mask_dims[1]} heads; expected 1 or {hq}"
+    if mask_dims[-1] == 1:
+        return "the mask is broadcast along the keys (last dim 1), which the plugin's kernel does not read"
+    return None
 
 
 def _grouped_ok(grouped, hkv: int, hq: int) -> bool:
@@ -532,10 +540,8 @@ def plan_onnx_attention(b: dict):
             and _dims(node.inputs[1])[1] != hkv:
         return "keys and values have different head counts"
     has_mask = int(b.get("mask") is not None)
-    if has_mask:
-        mask_dims = _dims(b["mask"])
-        if mask_dims is None or len(mask_dims) > 4:
-            return f"mask shape {mask_dims} is not broadcastable to [B, H, S, T]"
+    if has_mask and (problem := _mask_problem(_dims(b["mask"]), hq)):
+        return problem
     scale = attr("scale", None)
     scale = float(scale) if scale is not None else spec.default_scale(d)
     return spec.AttentionAttrs(num_heads=hq, kv_num_heads=hkv, head_size=d, scale=scale,

@@ -27,7 +27,7 @@ def _layers(family: str) -> int:
     return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None) or cfg.n_layer)
 
 
-def _check_fused(m: dict, layers: int, graphs: tuple, kv_graphs: tuple = ()):
+def _check_fused(m: dict, layers: int, graphs: tuple, kv_graphs: tuple = (), relative: bool = False):
     import onnx
 
     for name in graphs:
@@ -36,7 +36,13 @@ def _check_fused(m: dict, layers: int, graphs: tuple, kv_graphs: tuple = ()):
         assert rw["blocks"] == layers and rw["fused"] == layers and not rw["unfused"], (name, rw)
         assert rw["by_rule"]["kv-cache"] == (layers if name in kv_graphs else 0)
         assert entry["file"].endswith("fused.onnx") and entry["exported"] != entry["file"]
-    assert m["rewrite"]["parity"]["max_abs_diff"] <= REWRITE_ATOL
+    par = m["rewrite"]["parity"]
+    if relative:
+        # 30 layers of FP32 reassociation (the exported sdpa graph scales Q and K by
+        # sqrt(scale) each, the plugin scales Q K^T once) reach logits of magnitude ~20
+        assert par["max_rel_diff"] <= REWRITE_ATOL and par["max_abs_diff"] <= 1e-3, par
+    else:
+        assert par["max_abs_diff"] <= REWRITE_ATOL, par
 
 
 def _fused_graph_ops(bundle, name):
@@ -94,7 +100,7 @@ def test_minilm_fuses_every_layer(bundles, impl):
 @pytest.mark.slow
 def test_smollm2_fuses_every_layer(bundles):
     bundle = bundles.shipped("smollm2", "sdpa")
-    _check_fused(_manifest(bundle), 30, ("prefill", "decode"), kv_graphs=("decode",))
+    _check_fused(_manifest(bundle), 30, ("prefill", "decode"), kv_graphs=("decode",), relative=True)
 
 
 # ---- hand-built graphs: what must and must not match -------------------------------------

@@ -1,0 +1,393 @@
+"""Check the attention plugin's cubins on a real GPU against torch SDPA.
+
+Two steps on two machines:
+
+    python tools/gpu_attention_check.py prepare OUTDIR      # here: triton compiles the cubins
+    python tools/gpu_attention_check.py run OUTDIR --json results.json   # on the GPU machine
+
+`prepare` needs triton (no GPU) and writes one serialized kernel bundle per variant
+plus manifest.json. `run` needs only numpy, torch (CUDA), cuda.bindings and this
+repository's fastertrt/errors.py and plugins/ (found by path when fastertrt is
+not installed): it launches the cubins through the same launcher that the
+TensorRT plugin's enqueue uses, compares them with torch's
+scaled_dot_product_attention and an FP32 reference, times both (CUDA events,
+median per call; also CUDA-graph replay, which leaves out Python launch cost)
+and writes JSON and a table. Exit status 1 when a result is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, and it holds
+# fastertrt's tools/inspect.py, which would shadow the standard library's inspect
+# (torch imports it). Drop it before anything else is imported.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (tag, dtype, head_dim, has_mask, causal, mask_dtype): what `run` needs
+VARIANTS = [
+    ("bert_fp16_d64_mask", "float16", 64, 1, 0, "float32"),
+    ("dec_fp16_d64_causal", "float16", 64, 0, 1, "float32"),
+    ("dec_fp16_d128_causal", "float16", 128, 0, 1, "float32"),
+    ("dec_bf16_d64_causal_mask", "bfloat16", 64, 1, 1, "float32"),
+    ("enc_fp32_d64_mask", "float32", 64, 1, 0, "float32"),
+]
+DEVICE = "cuda"  # the helpers below take it from here (a CPU dry run of them can set "cpu")
+TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2, "float32": 1e-4}  # vs an FP32 reference computed on the GPU
+
+
+# -----------------------------------------------------------------------------
+# prepare (compile machine)
+# -----------------------------------------------------------------------------
+def prepare(outdir: Path, targets: tuple[int, ...]) -> None:
+    from fastertrt.plugins.attention.kernels import KernelVariant, compile_variant
+    from fastertrt.plugins.cuda_launch import pack_kernels
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    manifest = {"targets": list(targets), "variants": {}}
+    start = time.perf_counter()
+    for tag, dtype, d, has_mask, causal, mask_dtype in VARIANTS:
+        variant = KernelVariant(dtype, d, has_mask, causal, mask_dtype)
+        kernels = {cc: compile_variant(variant, cc) for cc in targets}
+        path = outdir / f"{tag}.ftk"
+        path.write_bytes(pack_kernels(kernels))
+        manifest["variants"][tag] = {
+            "file": path.name, "dtype": dtype, "head_dim": d, "has_mask": has_mask, "causal": causal,
+            "mask_dtype": variant.mask_dtype,
+            "kernels": {str(cc): {"cubin_bytes": len(k.cubin), "shared": k.shared, "num_warps": k.num_warps,
+                                  "block_m": k.block_m, "block_n": k.block_n,
+                                  "triton": k.tags.get("triton")} for cc, k in kernels.items()},
+        }
+        print(f"{tag:28s} " + "  ".join(f"sm_{cc}: {len(k.cubin) // 1024} KB cubin, {k.shared // 1024} KB smem"
+                                        for cc, k in kernels.items()))
+    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"wrote {len(VARIANTS)} bundles to {outdir} in {time.perf_counter() - start:.1f} s")
+
+
+# -----------------------------------------------------------------------------
+# run (GPU machine)
+# -----------------------------------------------------------------------------
+def _import_launchers():
+    """fastertrt's launcher modules, installed or straight from this checkout (the
+    GPU machine has no fastertrt install: fastertrt/ and plugins/ are taken by path)."""
+    try:
+        from fastertrt.plugins import cuda_launch
+        from fastertrt.plugins.attention import launch
+        return cuda_launch, launch
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))  # fastertrt/ (errors.py) is importable from the checkout root
+    import fastertrt
+
+    spec = importlib.util.spec_from_file_location(
+        "fastertrt.plugins", ROOT / "plugins" / "__init__.py", submodule_search_locations=[str(ROOT / "plugins")])
+    plugins = importlib.util.module_from_spec(spec)
+    sys.modules["fastertrt.plugins"] = plugins
+    spec.loader.exec_module(plugins)
+    fastertrt.plugins = plugins
+    from fastertrt.plugins import cuda_launch
+    from fastertrt.plugins.attention import launch
+    return cuda_launch, launch
+
+
+def _configs():
+    """(label, variant tag, B, Hq, Hkv, S, past, D)."""
+    out = []
+    for b in (1, 8, 32):
+        for s in (128, 384):
+            out.append((f"bert b{b} s{s}", "bert_fp16_d64_mask", b, 12, 12, s, 0, 64))
+    for hq, hkv, d, tag in ((9, 3, 64, "dec_fp16_d64_causal"), (32, 8, 128, "dec_fp16_d128_causal")):
+        for b in (1, 8):
+            for past in (0, 128, 512, 1024):
+                out.append((f"decode h{hq}/{hkv} d{d} b{b} p{past}", tag, b, hq, hkv, 1, past, d))
+            out.append((f"prefill h{hq}/{hkv} d{d} b{b} s128", tag, b, hq, hkv, 128, 0, d))
+            out.append((f"prefill h{hq}/{hkv} d{d} b{b} s512", tag, b, hq, hkv, 512, 0, d))
+    out.append(("bf16 causal+pad h9/3 b4 s64 p37", "dec_bf16_d64_causal_mask", 4, 9, 3, 64, 37, 64))
+    out.append(("fp32 enc pad h12 b2 s100", "enc_fp32_d64_mask", 2, 12, 12, 100, 0, 64))
+    return out
+
+
+class Bench:
+    def __init__(self, torch, iters: int, warmup: int):
+        self.torch, self.iters, self.warmup = torch, iters, warmup
+
+    def events_ms(self, fn) -> float:
+        """Median over calls of start/end events around one call (includes the host's
+        launch cost when the GPU waits for it)."""
+        torch = self.torch
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    def graph_us(self, fn, reps: int = 20):
+        """GPU time per call from a CUDA graph of `reps` calls (no Python in the loop);
+        None where capture fails."""
+        torch = self.torch
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # loads modules and allocates outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(max(5, self.iters // 5)):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1000.0 / reps)
+            return statistics.median(times)
+        except Exception as exc:  # noqa: BLE001 - timing extra; report why it is missing
+            print(f"  (graph timing unavailable: {type(exc).__name__}: {str(exc)[:120]})")
+            return None
+
+
+def _inputs(torch, dtype, b, hq, hkv, s, past, d, has_mask, gen):
+    t = past + s
+    q = torch.randn(b, hq, s, d, generator=gen, device=DEVICE).to(dtype)
+    k = torch.randn(b, hkv, t, d, generator=gen, device=DEVICE).to(dtype)
+    v = torch.randn(b, hkv, t, d, generator=gen, device=DEVICE).to(dtype)
+    mask = None
+    if has_mask:
+        # ragged key padding per batch row, transformers' finfo.min fill; first row full
+        lengths = [t] + [max(1, t - int(x)) for x in torch.randint(0, max(1, t // 2), (b - 1,), generator=gen,
+                                                                      device=DEVICE).tolist()]
+        mask = torch.zeros(b, 1, 1, t, device=DEVICE, dtype=torch.float32)
+        for i, n in enumerate(lengths):
+            mask[i, ..., n:] = torch.finfo(torch.float32).min
+    return q, k, v, mask
+
+
+def _reference(torch, q, k, v, mask, scale, causal):
+    """FP32 math on the GPU, causal aligned to the end (key j <= T - S + i)."""
+    g = q.shape[1] // k.shape[1]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    s, t = q.shape[2], k.shape[2]
+    if causal:
+        allowed = torch.arange(t, device=DEVICE)[None, :] <= torch.arange(s, device=DEVICE)[:, None] + (t - s)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ vf
+
+
+def _sdpa_fn(torch, q, k, v, mask, scale, causal):
+    """torch SDPA for the same problem. is_causal is top-left aligned in torch, which
+    matches ours only when S == T (prefill) or S == 1 (decode: everything visible)."""
+    import torch.nn.functional as F
+
+    s, t = q.shape[2], k.shape[2]
+    if causal and s not in (1, t):
+        allowed = torch.arange(t, device=DEVICE)[None, :] <= torch.arange(s, device=DEVICE)[:, None] + (t - s)
+        extra = torch.zeros(s, t, device=DEVICE, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+        mask = extra if mask is None else mask.to(q.dtype) + extra
+        causal = False
+    attn_mask = mask.to(q.dtype) if mask is not None else None
+    is_causal = bool(causal and s == t and s > 1)
+    g = q.shape[1] // k.shape[1]
+    try:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                       enable_gqa=g > 1)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                      scale=scale, enable_gqa=g > 1)
+    except TypeError:  # torch without enable_gqa: expand K/V once, outside the timing
+        kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, is_causal=is_causal,
+                                                      scale=scale)
+
+
+def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str | None) -> int:
+    import torch
+
+    cuda_launch, launch = _import_launchers()
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    bundles = {tag: cuda_launch.unpack_kernels((outdir / info["file"]).read_bytes())
+               for tag, info in manifest["variants"].items()}
+    torch.cuda.init()
+    torch.zeros(1, device=DEVICE)  # makes torch's primary context current for the driver calls
+    cc = cuda_launch.current_compute_capability()
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev} (sm_{cc}), torch {torch.__version__}, cubins from triton "
+          f"{next(iter(next(iter(bundles.values())).values())).tags.get('triton')}")
+    bench = Bench(torch, iters, warmup)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    rows, failures = [], 0
+    for label, tag, b, hq, hkv, s, past, d in _configs():
+        if only and only not in label:
+            continue
+        info = manifest["variants"][tag]
+        dtype = getattr(torch, info["dtype"])
+        scale = d ** -0.5
+        causal = bool(info["causal"])
+        q, k, v, mask = _inputs(torch, dtype, b, hq, hkv, s, past, d, info["has_mask"], gen)
+        out = torch.empty_like(q)
+        t = past + s
+        mask_strides = (mask.stride(0), 0, 0, 1) if mask is not None else None
+
+        def ours():
+            launch.attention_launch(
+                bundles[tag], q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else 0,
+                out.data_ptr(), q.stride(), k.stride(), v.stride(), out.stride(), mask_strides,
+                B=b, Hq=hq, S=s, T=t, group=hq // hkv, scale=scale,
+                stream=torch.cuda.current_stream().cuda_stream)
+
+        row = {"label": label, "variant": tag, "B": b, "Hq": hq, "Hkv": hkv, "S": s, "past": past, "D": d,
+               "dtype": info["dtype"]}
+        try:
+            sdpa = _sdpa_fn(torch, q, k, v, mask, scale, causal)
+            ours()
+            torch.cuda.synchronize()
+            ref = _reference(torch, q, k, v, mask, scale, causal)
+            got, theirs = out.float(), sdpa().float()
+            row["err_ours"] = (got - ref).abs().max().item()
+            row["err_sdpa"] = (theirs - ref).abs().max().item()
+            row["ours_vs_sdpa"] = (got - theirs).abs().max().item()
+            row["finite"] = bool(torch.isfinite(got).all().item())
+            row["ok"] = row["finite"] and row["err_ours"] <= TOLERANCE[info["dtype"]]
+            row["ours_ms"] = bench.events_ms(ours)
+            row["sdpa_ms"] = bench.events_ms(sdpa)
+            row["ratio"] = row["ours_ms"] / row["sdpa_ms"]
+            row["ours_graph_us"] = bench.graph_us(ours)
+            row["sdpa_graph_us"] = bench.graph_us(sdpa)
+            if row["ours_graph_us"] and row["sdpa_graph_us"]:
+                row["graph_ratio"] = row["ours_graph_us"] / row["sdpa_graph_us"]
+            start = time.perf_counter()
+            for _ in range(100):
+                ours()
+            row["host_us_per_launch"] = (time.perf_counter() - start) * 1e4
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - one bad config must not hide the others
+            row["ok"] = False
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        failures += not row["ok"]
+        rows.append(row)
+        _print_row(row)
+    enqueue_rows = check_enqueue(torch, bundles)
+    failures += sum(not r["ok"] for r in enqueue_rows)
+    result = {"device": dev, "cc": cc, "torch": torch.__version__, "iters": iters, "tolerance": TOLERANCE,
+              "rows": rows, "enqueue": enqueue_rows, "failures": failures}
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {json_path}")
+    total = len(rows) + len(enqueue_rows)
+    print(f"{total - failures}/{total} within tolerance")
+    return 1 if failures else 0
+
+
+def check_enqueue(torch, bundles: dict) -> list[dict]:
+    """The TensorRT plugin's enqueue body (trt.enqueue_attention: KV-cache copies
+    into the present outputs, packed qkv views, mask strides, then the launch) on
+    torch CUDA tensors, against an FP32 reference. Exact presents, close outputs."""
+    from fastertrt.plugins.attention.spec import AttentionAttrs
+    from fastertrt.plugins.attention.trt import enqueue_attention
+
+    cases = [  # label, attrs, variant tag, B, S, past
+        ("enqueue decode gqa+mask b4 p37", AttentionAttrs(9, 3, 64, 0.125, has_mask=1, has_past=1),
+         "bert_fp16_d64_mask", 4, 1, 37),
+        ("enqueue prefill gqa+mask b3 s20 p0", AttentionAttrs(9, 3, 64, 0.125, has_mask=1, has_past=1),
+         "bert_fp16_d64_mask", 3, 20, 0),
+        ("enqueue packed causal b2 s5 p7", AttentionAttrs(4, 2, 64, 0.125, causal=1, has_past=1, qkv_packed=1),
+         "dec_fp16_d64_causal", 2, 5, 7),
+    ]
+    rows = []
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    for label, attrs, tag, b, s, past in cases:
+        hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
+        t = past + s
+        shapes = {"qkv": (b, s, (hq + 2 * hkv) * d), "query": (b, hq, s, d), "key": (b, hkv, s, d),
+                  "value": (b, hkv, s, d), "past_key": (b, hkv, past, d), "past_value": (b, hkv, past, d)}
+        inputs = {n: torch.randn(*shapes[n], generator=gen, device=DEVICE).half() for n in attrs.input_names()
+                  if n != "mask"}
+        if attrs.has_mask:
+            mask = torch.zeros(b, 1, s, t, device=DEVICE)
+            mask[1:, ..., : t // 3] = torch.finfo(torch.float32).min  # left padding in rows 1..
+            inputs["mask"] = mask
+        ins = [inputs[n] for n in attrs.input_names()]
+        outs = [torch.empty(b, hq, s, d, device=DEVICE, dtype=torch.half)]
+        if attrs.has_past:
+            outs += [torch.empty(b, hkv, t, d, device=DEVICE, dtype=torch.half) for _ in range(2)]
+        row = {"label": label}
+        try:
+            enqueue_attention(attrs, bundles[tag], [tuple(x.shape) for x in ins], [x.data_ptr() for x in ins],
+                              [o.data_ptr() for o in outs], 2, torch.cuda.current_stream().cuda_stream)
+            torch.cuda.synchronize()
+            if attrs.qkv_packed:
+                heads = inputs["qkv"].view(b, s, hq + 2 * hkv, d).transpose(1, 2)
+                q, k, v = heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:]
+            else:
+                q, k, v = inputs["query"], inputs["key"], inputs["value"]
+            k = torch.cat([inputs["past_key"], k], 2)
+            v = torch.cat([inputs["past_value"], v], 2)
+            ref = _reference(torch, q, k, v, inputs.get("mask"), attrs.scale, bool(attrs.causal))
+            row["err_out"] = (outs[0].float() - ref).abs().max().item()
+            row["present_exact"] = bool(torch.equal(outs[1], k) and torch.equal(outs[2], v))
+            row["ok"] = row["present_exact"] and row["err_out"] <= TOLERANCE["float16"]
+        except Exception as exc:  # noqa: BLE001
+            row["ok"], row["error"] = False, f"{type(exc).__name__}: {exc}"
+        print(f"{label:34s} {'ok ' if row['ok'] else 'BAD'} {row}")
+        rows.append(row)
+    return rows
+
+
+def _print_row(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['label']:34s} ERROR {row['error'][:200]}")
+        return
+
+    def f(key, fmt):
+        v = row.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    print(f"{row['label']:34s} {'ok ' if row['ok'] else 'BAD'} err {f('err_ours', '.1e')} (sdpa {f('err_sdpa', '.1e')})"
+          f"  ours {f('ours_ms', '7.4f')} ms  sdpa {f('sdpa_ms', '7.4f')} ms  x{f('ratio', '.2f')}"
+          f"  graph {f('ours_graph_us', '7.1f')} / {f('sdpa_graph_us', '7.1f')} us  x{f('graph_ratio', '.2f')}"
+          f"  host {f('host_us_per_launch', '.0f')} us")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("prepare", help="compile the cubins (no GPU; needs triton)")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--targets", default="80,86,89,90", help="compute capabilities, comma separated")
+    r = sub.add_parser("run", help="launch, compare with torch SDPA and time (GPU; no triton)")
+    r.add_argument("outdir", type=Path)
+    r.add_argument("--json", type=Path, default=None)
+    r.add_argument("--iters", type=int, default=50)
+    r.add_argument("--warmup", type=int, default=10)
+    r.add_argument("--only", default=None, help="run only configs whose label contains this")
+    args = parser.parse_args(argv)
+    if args.mode == "prepare":
+        prepare(args.outdir, tuple(int(x) for x in args.targets.split(",")))
+        return 0
+    return run(args.outdir, args.json, args.iters, args.warmup, args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
