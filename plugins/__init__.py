@@ -4,6 +4,7 @@ plugin's trt.py, which the runtime imports: it must not import torch or
 onnxscript); adding a plugin is a folder plus one line here."""
 
 import importlib
+import sys
 
 REGISTRY: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.trt"}
 # plugin name -> the module with its rewrite rules (find_blocks, rule_set, explain,
@@ -27,3 +28,11 @@ def set_build_targets(ccs) -> None:
         mod = importlib.import_module(module)
         if hasattr(mod, "set_build_targets"):
             mod.set_build_targets(ccs)
+
+
+# Importing fastertrt.plugins registers the creators with any TensorRT already
+# imported (people who build or deserialize engines with TensorRT directly); the
+# build stage and the runtime call register_all themselves, before parsing.
+for _name in ("tensorrt", "tensorrt_rtx"):
+    if _name in sys.modules:
+        register_all(sys.modules[_name])

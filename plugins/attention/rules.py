@@ -171,6 +171,8 @@ def plan_core(b: dict):
     probs = b["probs"]
     softmax = probs.producer()
     q_shape, out_shape = _dims(query), _dims(out)
+    if _dtype_name(query) not in spec.IO_DTYPES:
+        return f"query type {_dtype_name(query)} is not one the plugin runs ({', '.join(spec.IO_DTYPES)})"
     if q_shape is None or len(q_shape) != 4:
         return f"query shape {q_shape} is not a known rank-4 [B, H, S, D] shape"
     hq, d = q_shape[1], q_shape[3]
@@ -285,14 +287,27 @@ def _ints(value) -> list[int] | None:
     return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
+def _dtype_name(value) -> str | None:
+    return value.dtype.numpy().name if value is not None and value.dtype is not None else None
+
+
 def plugin_node(op, attrs: spec.AttentionAttrs, inputs, like, n_outputs: int = 1):
-    """Make the plugin node; its outputs take the replaced value's type and shape."""
+    """Make the plugin node, its output types and shapes from spec.py (the replaced
+    value's shape where that is better known)."""
+    ir = _ir()
     outs = getattr(op, spec.NAME)(*inputs, _domain=spec.DOMAIN, _outputs=n_outputs,
                                   plugin_version=spec.VERSION, plugin_namespace=spec.NAMESPACE,
                                   **{k: v for k, v in attrs.to_dict().items()})
-    first = outs[0] if n_outputs > 1 else outs
-    first.type = like.type
-    first.shape = like.shape
+    outs_list = list(outs) if n_outputs > 1 else [outs]
+    shapes = spec.output_shapes(attrs, [_dims(v) or [None] * 4 for v in inputs])
+    io = _dtype_name(inputs[0])
+    if io is not None:
+        spec.output_dtypes(attrs, [_dtype_name(v) or io for v in inputs])
+    for value, dims in zip(outs_list, shapes):
+        value.dtype = inputs[0].dtype
+        value.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in dims])
+    if like is not None and like.shape is not None:
+        outs_list[0].shape = like.shape  # same dims, and the exporter's names for them
     return outs
 
 
@@ -335,7 +350,8 @@ def _make_kv_cache_rule():
             inputs = [query, key, value, past_key, past_value] + list(node.inputs[3:])
             out, pk, pv = plugin_node(op, attrs, inputs, attn_out, n_outputs=3)
             for new, old in ((pk, present_key), (pv, present_value)):
-                new.type, new.shape = old.type, old.shape
+                if old.shape is not None:
+                    new.shape = old.shape  # keeps the graph outputs' dim names
             return out, pk, pv
 
     return KvCacheAttention.rule()
@@ -525,6 +541,8 @@ def plan_onnx_attention(b: dict):
         return "ONNX Attention with softcap or a qk_matmul_output_mode is not plain attention"
     if attr("softmax_precision", None) not in (None, 1):  # 1 = FLOAT
         return "ONNX Attention asks for a softmax precision other than FP32"
+    if _dtype_name(b["query"]) not in spec.IO_DTYPES:
+        return f"query type {_dtype_name(b['query'])} is not one the plugin runs ({', '.join(spec.IO_DTYPES)})"
     q_dims, k_dims, v_dims = _dims(b["query"]), _dims(b["key"]), _dims(b["value"])
     if any(x is None or len(x) != 4 for x in (q_dims, k_dims, v_dims)):
         return f"ONNX Attention inputs {q_dims}, {k_dims}, {v_dims} are not all rank 4 (3-D inputs are not handled)"

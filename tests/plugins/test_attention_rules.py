@@ -98,8 +98,9 @@ def test_minilm_fuses_every_layer(bundles, impl):
 
 
 @pytest.mark.slow
-def test_smollm2_fuses_every_layer(bundles):
-    bundle = bundles.shipped("smollm2", "sdpa")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_smollm2_fuses_every_layer(bundles, impl):
+    bundle = bundles.shipped("smollm2", impl)  # the same bundles the generation tests use
     _check_fused(_manifest(bundle), 30, ("prefill", "decode"), kv_graphs=("decode",), relative=True)
 
 
