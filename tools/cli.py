@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import textwrap
 
 from fastertrt import __version__
 from fastertrt.errors import FastertrtError

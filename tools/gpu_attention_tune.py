@@ -101,7 +101,7 @@ def run(outdir: Path, json_path: Path | None) -> int:
             m_strides = (mask.stride(0), 0, 0 if mask is not None and mask.shape[2] == 1 else s, 1) \
                 if mask is not None else None
 
-            def ours(kernel=kernel, mask=mask, m_strides=m_strides):
+            def ours(kernel=kernel, mask=mask, m_strides=m_strides, b=b, s=s, hq=hq, d=d, q=q, k=k, v=v, out=out):
                 launch.attention_launch({kernel.cc: kernel}, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                         mask.data_ptr() if mask is not None else 0, out.data_ptr(), q.stride(),
                                         k.stride(), v.stride(), out.stride(),

@@ -113,6 +113,17 @@ def _layer(value) -> str:
     return node.name or node.op_type
 
 
+def _grouped_heads(op, x, name: str):
+    """x, or x with each head repeated for grouped-query attention
+    (Unsqueeze -> Expand -> Reshape, transformers' repeat_kv): binds
+    `{name}_grouped` and the tag `{name}_group`."""
+    pattern = _pattern()
+    ANY = pattern.ANY_VALUE
+    return pattern.OrValue(
+        [op.Reshape(op.Expand(op.Unsqueeze(x, ANY), ANY), ANY, _outputs=[f"{name}_grouped"]), x],
+        tag_var=f"{name}_group", tag_values=[True, False])
+
+
 def _make_core_rule():
     pattern = _pattern()
     ANY = pattern.ANY_VALUE
@@ -124,12 +135,7 @@ def _make_core_rule():
             super().__init__("attention-core", remove_nodes=False)
 
         def pattern(self, op, query, key, value, mask, q_scale, k_scale, s_scale, zero):
-            key_heads = pattern.OrValue(
-                [op.Reshape(op.Expand(op.Unsqueeze(key, ANY), ANY), ANY, _outputs=["key_grouped"]), key],
-                tag_var="key_group", tag_values=[True, False])
-            value_heads = pattern.OrValue(
-                [op.Reshape(op.Expand(op.Unsqueeze(value, ANY), ANY), ANY, _outputs=["value_grouped"]), value],
-                tag_var="value_group", tag_values=[True, False])
+            key_heads, value_heads = _grouped_heads(op, key, "key"), _grouped_heads(op, value, "value")
             key_t = pattern.OrValue(
                 [op.Transpose(key_heads, _outputs=["key_t"]),
                  op.Reshape(op.Transpose(op.Reshape(key_heads, ANY), _outputs=["key_t_flat"]), ANY,
@@ -488,7 +494,6 @@ def attach_functions(model) -> int:
 
 def _make_onnx_attention_rule():
     pattern = _pattern()
-    ANY = pattern.ANY_VALUE
 
     class OnnxAttention(pattern.RewriteRuleClassBase):
         """The opset-23 ONNX Attention op with 4-D inputs (dynamo exports of sdpa)."""
@@ -497,12 +502,7 @@ def _make_onnx_attention_rule():
             super().__init__("onnx-attention", remove_nodes=False)
 
         def pattern(self, op, query, key, value, mask):
-            key_heads = pattern.OrValue(
-                [op.Reshape(op.Expand(op.Unsqueeze(key, ANY), ANY), ANY, _outputs=["key_grouped"]), key],
-                tag_var="key_group", tag_values=[True, False])
-            value_heads = pattern.OrValue(
-                [op.Reshape(op.Expand(op.Unsqueeze(value, ANY), ANY), ANY, _outputs=["value_grouped"]), value],
-                tag_var="value_group", tag_values=[True, False])
+            key_heads, value_heads = _grouped_heads(op, key, "key"), _grouped_heads(op, value, "value")
             return op.Attention(query, key_heads, value_heads, pattern.Var("mask", can_match_none=True),
                                 _allow_other_inputs=True, _outputs=["attn_out"])
 

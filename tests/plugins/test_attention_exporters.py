@@ -4,7 +4,6 @@ the fused graph must compute what the exported one does."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from tiny_models import tiny_model
 

@@ -28,7 +28,6 @@ def _layers(family: str) -> int:
 
 
 def _check_fused(m: dict, layers: int, graphs: tuple, kv_graphs: tuple = (), relative: bool = False):
-    import onnx
 
     for name in graphs:
         entry = m["graphs"][name]
