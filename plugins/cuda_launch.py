@@ -143,13 +143,19 @@ def unpack_kernels(data: bytes) -> dict[int, CompiledKernel]:
 # -----------------------------------------------------------------------------
 # CUDA driver side
 # -----------------------------------------------------------------------------
+_DRIVER = None
+
+
 def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:
-        raise KernelLaunchError("launching plugin kernels needs cuda-python (cuda.bindings): "
-                                "pip install 'fastertrt[rtx]' or 'fastertrt[tensorrt]'") from exc
-    return driver
+    global _DRIVER
+    if _DRIVER is None:
+        try:
+            from cuda.bindings import driver
+        except ImportError as exc:
+            raise KernelLaunchError("launching plugin kernels needs cuda-python (cuda.bindings): "
+                                    "pip install 'fastertrt[rtx]' or 'fastertrt[tensorrt]'") from exc
+        _DRIVER = driver
+    return _DRIVER
 
 
 def _is_missing_driver(exc: BaseException) -> bool:
@@ -273,8 +279,11 @@ def check_args(kernel: CompiledKernel, values: dict) -> None:
     missing = [a.name for a in kernel.args if a.name not in values]
     if missing:
         raise KernelLaunchError(f"kernel {kernel.tags.get('kernel', kernel.name)}: missing argument(s) {missing}")
-    for a in kernel.args:
-        v = values[a.name]
+    _check_values(kernel, [values[a.name] for a in kernel.args])
+
+
+def _check_values(kernel: CompiledKernel, args: list) -> None:
+    for a, v in zip(kernel.args, args):
         if a.divisibility and a.kind in ("ptr", "i32") and int(v) % a.divisibility:
             unit = "bytes" if a.kind == "ptr" else "elements"
             raise KernelLaunchError(
@@ -285,24 +294,68 @@ def check_args(kernel: CompiledKernel, values: dict) -> None:
             raise KernelLaunchError(f"kernel argument {a.name}={int(v)} does not fit int32")
 
 
+class _Plan:
+    """What one kernel needs at every launch in one context, made once per thread:
+    the function, one ctypes cell per argument and the array of their addresses.
+    A TensorRT plugin's enqueue runs this on every call, so the per-call work is
+    writing the values and checking the few hints the cubin assumed."""
+
+    def __init__(self, kernel: CompiledKernel, ctx: int):
+        self.fn = get_function(kernel, ctx)
+        self.index = {a.name: i for i, a in enumerate(kernel.args)}
+        self.cells = [_ARG_KINDS[a.kind]() for a in kernel.args] + [ctypes.c_uint64(0), ctypes.c_uint64(0)]
+        self.params = (ctypes.c_void_p * len(self.cells))(*[ctypes.addressof(c) for c in self.cells])
+        self.params_addr = ctypes.addressof(self.params)
+        self.hinted = [(i, a.divisibility) for i, a in enumerate(kernel.args)
+                       if a.divisibility and a.kind in ("ptr", "i32")]
+        self.ints = [i for i, a in enumerate(kernel.args) if a.kind == "i32"]
+        self.scratch = kernel.global_scratch_size > 0 or kernel.profile_scratch_size > 0
+
+
+_plans = threading.local()
+
+
+def _plan(kernel: CompiledKernel, ctx: int) -> _Plan:
+    cache = getattr(_plans, "cache", None)
+    if cache is None:
+        cache = _plans.cache = {}
+    key = (ctx, kernel.fingerprint, kernel.name)
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = _Plan(kernel, ctx)
+    return plan
+
+
 def launch(kernel: CompiledKernel, grid: tuple[int, int, int], values: dict, stream: int) -> None:
     """Launch `kernel` on `stream` (an int CUstream handle; 0 = legacy default stream)
     with arguments by name, plus Triton's two trailing scratch pointers."""
-    check_args(kernel, values)
     ctx = ensure_context()
-    fn = get_function(kernel, ctx)
+    plan = _plan(kernel, ctx)
+    try:
+        args = [values[a.name] for a in kernel.args]
+    except KeyError:
+        check_args(kernel, values)  # names what is missing
+        raise
+    for i, div in plan.hinted:
+        if int(args[i]) % div:
+            _check_values(kernel, args)  # raises with the argument's name
+    for i in plan.ints:
+        if not -2**31 <= args[i] < 2**31:
+            _check_values(kernel, args)
+    for cell, v in zip(plan.cells, args):
+        cell.value = v
     drv = _driver()
     hstream = drv.CUstream(int(stream))
-    cells = [_ARG_KINDS[a.kind](values[a.name] if a.kind != "ptr" else int(values[a.name])) for a in kernel.args]
-    scratch = [
-        _scratch(kernel.global_scratch_size, kernel.global_scratch_align, grid, hstream),
-        _scratch(kernel.profile_scratch_size, kernel.profile_scratch_align, grid, hstream),
-    ]
-    cells += [ctypes.c_uint64(p) for p in scratch]
-    params = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+    scratch = (0, 0)
+    if plan.scratch:
+        scratch = (_scratch(kernel.global_scratch_size, kernel.global_scratch_align, grid, hstream),
+                   _scratch(kernel.profile_scratch_size, kernel.profile_scratch_align, grid, hstream))
+    plan.cells[-2].value, plan.cells[-1].value = scratch
     try:
-        driver_call("cuLaunchKernel", fn, int(grid[0]), int(grid[1]), int(grid[2]),
-                    kernel.block_threads, 1, 1, kernel.shared, hstream, ctypes.addressof(params), 0)
+        result = drv.cuLaunchKernel(plan.fn, int(grid[0]), int(grid[1]), int(grid[2]), kernel.block_threads, 1, 1,
+                                    kernel.shared, hstream, plan.params_addr, 0)
+        if int(result[0]) != 0:
+            _call(result, "cuLaunchKernel")
     finally:
         for p in scratch:
             if p:

@@ -222,7 +222,8 @@ def _sdpa_fn(torch, q, k, v, mask, scale, causal):
                                                       scale=scale)
 
 
-def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str | None) -> int:
+def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str | None,
+        profile: bool = False) -> int:
     import torch
 
     cuda_launch, launch = _import_launchers()
@@ -288,6 +289,8 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
         failures += not row["ok"]
         rows.append(row)
         _print_row(row)
+    if profile:
+        profile_host(torch, bundles, launch)
     enqueue_rows = check_enqueue(torch, bundles)
     failures += sum(not r["ok"] for r in enqueue_rows)
     result = {"device": dev, "cc": cc, "torch": torch.__version__, "iters": iters, "tolerance": TOLERANCE,
@@ -355,6 +358,40 @@ def check_enqueue(torch, bundles: dict) -> list[dict]:
     return rows
 
 
+def profile_host(torch, bundles: dict, launch, n: int = 500) -> None:
+    """Where the host time of one launch goes (cProfile over n launches of a BERT
+    b8 s128 problem): the plugin's enqueue runs this Python on every call."""
+    import cProfile
+    import pstats
+
+    q = torch.randn(8, 12, 128, 64, device=DEVICE).half()
+    k, v, out = torch.randn_like(q), torch.randn_like(q), torch.empty_like(q)
+    mask = torch.zeros(8, 1, 1, 128, device=DEVICE)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def ours():
+        launch.attention_launch(bundles["bert_fp16_d64_mask"], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                mask.data_ptr(), out.data_ptr(), q.stride(), k.stride(), v.stride(), out.stride(),
+                                (128, 0, 0, 1), B=8, Hq=12, S=128, T=128, group=1, scale=0.125, stream=stream)
+
+    for _ in range(20):
+        ours()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        ours()
+    per_call = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        ours()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"host time per attention_launch: {per_call:.1f} us (no profiler)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
 def _print_row(row: dict) -> None:
     if "error" in row:
         print(f"{row['label']:34s} ERROR {row['error'][:200]}")
@@ -382,11 +419,12 @@ def main(argv=None) -> int:
     r.add_argument("--iters", type=int, default=50)
     r.add_argument("--warmup", type=int, default=10)
     r.add_argument("--only", default=None, help="run only configs whose label contains this")
+    r.add_argument("--profile-host", action="store_true", help="also profile the launcher's host time")
     args = parser.parse_args(argv)
     if args.mode == "prepare":
         prepare(args.outdir, tuple(int(x) for x in args.targets.split(",")))
         return 0
-    return run(args.outdir, args.json, args.iters, args.warmup, args.only)
+    return run(args.outdir, args.json, args.iters, args.warmup, args.only, args.profile_host)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ def attention_grid(kernel: CompiledKernel, b: int, hq: int, s: int) -> tuple[int
     return (-(-s // kernel.block_m), b * hq, 1)
 
 
-def _four(name: str, strides: Sequence[int]) -> tuple[int, int, int, int]:
-    strides = tuple(int(x) for x in strides)
+def _four(name: str, strides: Sequence[int]) -> Sequence[int]:
     if len(strides) != 4:
         raise KernelLaunchError(f"attention: {name} strides must be 4 (batch, head, seq, dim), got {strides}")
     return strides
