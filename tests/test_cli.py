@@ -28,6 +28,7 @@ def test_compile_run_inspect(tmp_path, capsys):
     assert main(["compile", str(folder), "-o", str(out), "--attn-implementation", "eager"]) == 0
     err = capsys.readouterr().err
     assert "export encoder graph" in err and "max abs diff" in err and "bundle written" in err
+    assert "encoder: fused 2 of 2 FastertrtAttention blocks (core 2)" in err and "rewrite parity" in err
 
     assert main(["run", str(out), "--text", "the model runs fast", "--text", "a token"]) == 0
     text = capsys.readouterr().out
@@ -39,8 +40,15 @@ def test_compile_run_inspect(tmp_path, capsys):
 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    for expected in ("bert encoder", "input_ids", "[batch, seq]", "all sha256 verified", "parity"):
+    for expected in ("bert encoder", "input_ids", "[batch, seq]", "all sha256 verified", "parity",
+                     "encoder: fused.onnx", "FastertrtAttention: fused 2 of 2 blocks (core 2)"):
         assert expected in text
+
+    # --no-plugins keeps the exported graph as the one the runtime and engines use
+    plain = tmp_path / "plain.bundle"
+    assert main(["compile", str(folder), "-o", str(plain), "--no-plugins", "-q"]) == 0
+    manifest = json.loads((plain / "manifest.json").read_text())
+    assert manifest["graphs"]["encoder"]["file"] == "model.onnx" and manifest["rewrite"]["plugins"] is False
 
     # compiling again onto the same folder is refused without --force
     assert main(["compile", str(folder), "-o", str(out)]) == 2
