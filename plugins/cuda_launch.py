@@ -232,6 +232,20 @@ def current_compute_capability() -> int:
     return cc
 
 
+_sm_cache: dict[int, int] = {}
+
+
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the current context's device."""
+    ctx = ensure_context()
+    n = _sm_cache.get(ctx)
+    if n is None:
+        dev = driver_call("cuCtxGetDevice")
+        attr = _driver().CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        n = _sm_cache[ctx] = int(driver_call("cuDeviceGetAttribute", attr, dev))
+    return n
+
+
 def select_kernel(kernel_by_cc: dict[int, CompiledKernel], cc: int, what: str = "kernel") -> CompiledKernel:
     """The cubin for compute capability `cc`. Only an exact match is taken: sm_90
     cubins are sm_90a (Hopper only), and a cubin for a lower minor version would run

@@ -50,7 +50,7 @@ TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2, "float32": 1e-4}  # vs an FP32 r
 # prepare (compile machine)
 # -----------------------------------------------------------------------------
 def prepare(outdir: Path, targets: tuple[int, ...]) -> None:
-    from fastertrt.plugins.attention.kernels import KernelVariant, compile_variant
+    from fastertrt.plugins.attention.kernels import CombineVariant, KernelVariant, compile_variant
     from fastertrt.plugins.cuda_launch import pack_kernels
 
     outdir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,16 @@ def prepare(outdir: Path, targets: tuple[int, ...]) -> None:
         kernels = {cc: compile_variant(variant, cc) for cc in targets}
         path = outdir / f"{tag}.ftk"
         path.write_bytes(pack_kernels(kernels))
+        extra = {}
+        if tag.startswith(("dec_", "bert_")):  # decode steps split over keys; bert_ also serves enqueue checks
+            split = KernelVariant(dtype, d, has_mask, causal, mask_dtype, split=1)
+            (outdir / f"{tag}.split.ftk").write_bytes(pack_kernels({cc: compile_variant(split, cc)
+                                                                    for cc in targets}))
+            (outdir / f"{tag}.combine.ftk").write_bytes(pack_kernels({cc: compile_variant(CombineVariant(dtype, d), cc)
+                                                                      for cc in targets}))
+            extra = {"split_file": f"{tag}.split.ftk", "combine_file": f"{tag}.combine.ftk"}
         manifest["variants"][tag] = {
+            **extra,
             "file": path.name, "dtype": dtype, "head_dim": d, "has_mask": has_mask, "causal": causal,
             "mask_dtype": variant.mask_dtype,
             "kernels": {str(cc): {"cubin_bytes": len(k.cubin), "shared": k.shared, "num_warps": k.num_warps,
@@ -230,6 +239,9 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
     manifest = json.loads((outdir / "manifest.json").read_text())
     bundles = {tag: cuda_launch.unpack_kernels((outdir / info["file"]).read_bytes())
                for tag, info in manifest["variants"].items()}
+    splits = {tag: (cuda_launch.unpack_kernels((outdir / info["split_file"]).read_bytes()),
+                    cuda_launch.unpack_kernels((outdir / info["combine_file"]).read_bytes()))
+              for tag, info in manifest["variants"].items() if "split_file" in info}
     torch.cuda.init()
     torch.zeros(1, device=DEVICE)  # makes torch's primary context current for the driver calls
     cc = cuda_launch.current_compute_capability()
@@ -278,6 +290,26 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
             row["sdpa_graph_us"] = bench.graph_us(sdpa)
             if row["ours_graph_us"] and row["sdpa_graph_us"]:
                 row["graph_ratio"] = row["ours_graph_us"] / row["sdpa_graph_us"]
+            if tag in splits and s <= launch.SPLIT_MAX_ROWS and tag.startswith("dec_"):
+                ws = torch.empty(launch.max_split_workspace_bytes(b, hq, s, info["head_dim"] if info["head_dim"] >= 16
+                                                                  else 16) * 2, dtype=torch.uint8, device=DEVICE)
+                split_arg = (*splits[tag], ws.data_ptr(), ws.numel())
+
+                def ours_split():
+                    launch.attention_launch(
+                        bundles[tag], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                        mask.data_ptr() if mask is not None else 0, out.data_ptr(), q.stride(), k.stride(),
+                        v.stride(), out.stride(), mask_strides, B=b, Hq=hq, S=s, T=t, group=hq // hkv, scale=scale,
+                        stream=torch.cuda.current_stream().cuda_stream, split=split_arg)
+
+                out.zero_()
+                ours_split()
+                torch.cuda.synchronize()
+                row["err_split"] = (out.float() - ref).abs().max().item()
+                row["ok"] = row["ok"] and row["err_split"] <= TOLERANCE[info["dtype"]]
+                row["split_graph_us"] = bench.graph_us(ours_split)
+                if row["split_graph_us"] and row["sdpa_graph_us"]:
+                    row["split_ratio"] = row["split_graph_us"] / row["sdpa_graph_us"]
             start = time.perf_counter()
             for _ in range(100):
                 ours()
@@ -291,7 +323,7 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
         _print_row(row)
     if profile:
         profile_host(torch, bundles, launch)
-    enqueue_rows = check_enqueue(torch, bundles)
+    enqueue_rows = check_enqueue(torch, bundles, splits)
     failures += sum(not r["ok"] for r in enqueue_rows)
     result = {"device": dev, "cc": cc, "torch": torch.__version__, "iters": iters, "tolerance": TOLERANCE,
               "rows": rows, "enqueue": enqueue_rows, "failures": failures}
@@ -303,7 +335,7 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
     return 1 if failures else 0
 
 
-def check_enqueue(torch, bundles: dict) -> list[dict]:
+def check_enqueue(torch, bundles: dict, splits: dict) -> list[dict]:
     """The TensorRT plugin's enqueue body (trt.enqueue_attention: KV-cache copies
     into the present outputs, packed qkv views, mask strides, then the launch) on
     torch CUDA tensors, against an FP32 reference. Exact presents, close outputs."""
@@ -317,6 +349,8 @@ def check_enqueue(torch, bundles: dict) -> list[dict]:
          "bert_fp16_d64_mask", 3, 20, 0),
         ("enqueue packed causal b2 s5 p7", AttentionAttrs(4, 2, 64, 0.125, causal=1, has_past=1, qkv_packed=1),
          "dec_fp16_d64_causal", 2, 5, 7),
+        ("enqueue decode split b2 p700", AttentionAttrs(9, 3, 64, 0.125, has_mask=1, has_past=1),
+         "bert_fp16_d64_mask", 2, 1, 700),
     ]
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(1)
@@ -337,8 +371,14 @@ def check_enqueue(torch, bundles: dict) -> list[dict]:
             outs += [torch.empty(b, hkv, t, d, device=DEVICE, dtype=torch.half) for _ in range(2)]
         row = {"label": label}
         try:
+            split = None
+            if "split" in label:
+                from fastertrt.plugins.attention.launch import max_split_workspace_bytes
+
+                ws = torch.empty(max_split_workspace_bytes(b, hq, s, 64), dtype=torch.uint8, device=DEVICE)
+                split = (*splits[tag], ws.data_ptr())
             enqueue_attention(attrs, bundles[tag], [tuple(x.shape) for x in ins], [x.data_ptr() for x in ins],
-                              [o.data_ptr() for o in outs], 2, torch.cuda.current_stream().cuda_stream)
+                              [o.data_ptr() for o in outs], 2, torch.cuda.current_stream().cuda_stream, split)
             torch.cuda.synchronize()
             if attrs.qkv_packed:
                 heads = inputs["qkv"].view(b, s, hq + 2 * hkv, d).transpose(1, 2)
@@ -404,7 +444,9 @@ def _print_row(row: dict) -> None:
     print(f"{row['label']:34s} {'ok ' if row['ok'] else 'BAD'} err {f('err_ours', '.1e')} (sdpa {f('err_sdpa', '.1e')})"
           f"  ours {f('ours_ms', '7.4f')} ms  sdpa {f('sdpa_ms', '7.4f')} ms  x{f('ratio', '.2f')}"
           f"  graph {f('ours_graph_us', '7.1f')} / {f('sdpa_graph_us', '7.1f')} us  x{f('graph_ratio', '.2f')}"
-          f"  host {f('host_us_per_launch', '.0f')} us")
+          f"  host {f('host_us_per_launch', '.0f')} us"
+          + (f"  split {f('split_graph_us', '7.1f')} us x{f('split_ratio', '.2f')} err {f('err_split', '.1e')}"
+             if "split_graph_us" in row else ""))
 
 
 def main(argv=None) -> int:

@@ -51,8 +51,10 @@ def fastertrt_attention_fwd(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_mh, stride_ms, stride_mt,
     S, T, H, GROUP, scale,
+    Part, Lse, CHUNK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -83,7 +85,13 @@ def fastertrt_attention_fwd(
     hi = T
     if CAUSAL:
         hi = tl.minimum(T, T - S + (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if SPLIT:
+        # split over keys (few query rows, a long cache): this program takes one
+        # CHUNK of keys; fastertrt_attention_combine merges the chunks' results
+        lo = tl.program_id(2) * CHUNK
+        hi = tl.minimum(hi, lo + CHUNK)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < T
         kv_mask = col_ok[:, None] & d_ok[None, :]
@@ -119,8 +127,48 @@ def fastertrt_attention_fwd(
     # Fully masked rows have l = 0 and acc = 0: give zeros, not 0/0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if SPLIT:
+        # per chunk: the normalized partial output and its log-sum-exp, FP32, in the
+        # workspace laid out [B*H, chunks, S] (+ [BLOCK_D] for the outputs)
+        row = (pid_bh.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * S + offs_m
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+        tl.store(Lse + row, lse, mask=row_ok)
+        tl.store(Part + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
+    else:
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def fastertrt_attention_combine(
+    Part, Lse, Out,
+    stride_ob, stride_oh, stride_os, stride_od,
+    S, H, NSPLIT,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the key chunks of a split launch: out = sum_c w_c * part_c / sum_c w_c
+    with w_c = exp(lse_c - max lse); chunks that saw no key (lse = -inf) weigh 0."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for c in range(0, NSPLIT):
+        top = tl.maximum(top, tl.load(Lse + (pid_bh * NSPLIT + c) * S + offs_m, mask=row_ok, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for c in range(0, NSPLIT):
+        row = (pid_bh * NSPLIT + c) * S + offs_m
+        w = tl.exp(tl.load(Lse + row, mask=row_ok, other=float("-inf")) - top)
+        part = tl.load(Part + row[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * part
+        total += w
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 _POINTERS = ("Q", "K", "V", "M", "Out")
@@ -144,22 +192,22 @@ def _triton():
     return triton
 
 
-@functools.lru_cache(maxsize=1)
-def _jit_kernel():
+@functools.lru_cache(maxsize=2)
+def _jit_kernel(fn=None):
     triton = _triton()
     if triton.knobs.runtime.interpret:
         raise RuntimeError("TRITON_INTERPRET=1 is set in this process; triton.compile does not work in "
                            "interpreter mode. Compile the attention kernels in a process without it.")
-    return triton.jit(fastertrt_attention_fwd)
+    return triton.jit(fn or fastertrt_attention_fwd)
 
 
-@functools.lru_cache(maxsize=1)
-def _interpreted_kernel():
+@functools.lru_cache(maxsize=2)
+def _interpreted_kernel(fn=None):
     triton = _triton()
     if not triton.knobs.runtime.interpret:
         raise RuntimeError("attention_interpreted needs TRITON_INTERPRET=1 in the environment before triton "
                            "is imported (run it in a separate process; triton.compile does not work there)")
-    return triton.jit(fastertrt_attention_fwd)
+    return triton.jit(fn or fastertrt_attention_fwd)
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +223,7 @@ class KernelVariant:
     has_mask: int = 0
     causal: int = 0
     mask_dtype: str = "float32"
+    split: int = 0  # 1: the split-over-keys kernel (writes chunk partials for the combine kernel)
 
     def __post_init__(self):
         for name in ("head_dim", "has_mask", "causal"):  # True/np.int64 -> int: one cache entry, clean tags
@@ -196,7 +245,7 @@ class KernelVariant:
 
     def tag(self) -> str:
         return (f"{self.dtype}_d{self.head_dim}_m{self.has_mask}{'' if not self.has_mask else self.mask_dtype}"
-                f"_c{self.causal}")
+                f"_c{self.causal}{'_split' if self.split else ''}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +261,10 @@ def tile_config(variant: KernelVariant, cc: int) -> TileConfig:
     num_stages times in shared memory (sm_75 allows 64 KB a block, sm_86/89/120
     99 KB, sm_80 163 KB, sm_90 227 KB), and FP32 operands double every tile."""
     d = variant.block_d
+    if variant.split:
+        # split launches serve a few query rows (decode steps): the smallest row tile
+        # tl.dot takes, so a step's one row does not pay for 64
+        return TileConfig(block_m=16, block_n=64 if d <= 128 else 32, num_warps=4, num_stages=1 if cc < 80 else 2)
     if variant.dtype == "float32":
         # ieee FP32 dot: small tiles keep registers and shared memory in bounds
         return TileConfig(block_m=32, block_n=32 if d <= 64 else 16, num_warps=4, num_stages=1 if cc < 80 else 2)
@@ -263,11 +316,17 @@ def _signature(variant: KernelVariant, tile: TileConfig):
         constexprs["stride_mt"] = 1
     else:
         constexprs.update({"M": None, "stride_mb": 0, "stride_mh": 0, "stride_ms": 0, "stride_mt": 0})
+    constexprs["SPLIT"] = bool(variant.split)
+    if variant.split:
+        constexprs["Out"] = None  # a split launch writes the workspace; the combine kernel writes Out
+        constexprs.update({f"stride_o{a}": 0 for a in "bhsd"})
+    else:
+        constexprs.update({"Part": None, "Lse": None, "CHUNK": 0})
 
     types = {name: io for name in ("Q", "K", "V", "Out")}
     types["M"] = "*" + _TRITON_TYPE[variant.mask_dtype] if variant.has_mask else None
     types.update({name: "i32" for name in _DATA_STRIDES + _MASK_STRIDES + _SCALARS})
-    types["scale"] = "fp32"
+    types.update({"scale": "fp32", "Part": "*fp32", "Lse": "*fp32", "CHUNK": "i32"})
 
     fn = fastertrt_attention_fwd
     arg_names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
@@ -329,14 +388,56 @@ def compile_many(pairs, jobs: int | None = None) -> dict[tuple[KernelVariant, in
     return {(v, int(cc)): compile_variant(v, cc) for v, cc in pairs}
 
 
-def _compile(variant: KernelVariant, cc: int) -> CompiledKernel:
+@dataclass(frozen=True)
+class CombineVariant:
+    """The kernel that merges a split launch's key chunks into the output."""
+
+    dtype: str
+    head_dim: int
+
+    @property
+    def block_d(self) -> int:
+        return KernelVariant(self.dtype, self.head_dim).block_d
+
+    def tag(self) -> str:
+        return f"combine_{self.dtype}_d{self.head_dim}"
+
+
+COMBINE_BLOCK_M = 16  # launch.COMBINE_BLOCK_M must agree
+
+
+def _combine_signature(variant: CombineVariant):
+    constexprs = {"HEAD_DIM": int(variant.head_dim), "BLOCK_D": variant.block_d, "BLOCK_M": COMBINE_BLOCK_M,
+                  "stride_od": 1}
+    types = {"Part": "*fp32", "Lse": "*fp32", "Out": "*" + _TRITON_TYPE[variant.dtype]}
+    fn = fastertrt_attention_combine
+    signature, layout = {}, []
+    for name in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name, "i32")
+        layout.append(KernelArg(name, "ptr" if name in types else "i32", 0))
+    return signature, constexprs, {}, tuple(layout)
+
+
+def compile_combine(variant: CombineVariant, cc: int) -> CompiledKernel:
+    return compile_variant(variant, cc)
+
+
+def _compile(variant, cc: int) -> CompiledKernel:
     triton = _triton()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _jit_kernel()
-    tile = tile_config(variant, cc)
-    signature, constexprs, attrs, layout = _signature(variant, tile)
+    if isinstance(variant, CombineVariant):
+        kernel = _jit_kernel(fastertrt_attention_combine)
+        tile = TileConfig(COMBINE_BLOCK_M, 0, 4, 1)
+        signature, constexprs, attrs, layout = _combine_signature(variant)
+    else:
+        kernel = _jit_kernel()
+        tile = tile_config(variant, cc)
+        signature, constexprs, attrs, layout = _signature(variant, tile)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages, "enable_fp_fusion": True}
     with triton.knobs.compilation.scope():
@@ -361,9 +462,11 @@ def _compile(variant: KernelVariant, cc: int) -> CompiledKernel:
         profile_scratch_size=int(getattr(meta, "profile_scratch_size", 0) or 0),
         profile_scratch_align=int(getattr(meta, "profile_scratch_align", 1) or 1),
         args=layout,
-        tags={"kernel": KERNEL_NAME, "variant": variant.tag(), "dtype": variant.dtype,
-              "head_dim": int(variant.head_dim), "has_mask": int(variant.has_mask), "causal": int(variant.causal),
-              "mask_dtype": variant.mask_dtype, "num_stages": tile.num_stages, "triton": triton.__version__},
+        tags={"kernel": kernel.fn.__name__, "variant": variant.tag(), "dtype": variant.dtype,
+              "head_dim": int(variant.head_dim), "has_mask": int(getattr(variant, "has_mask", 0)),
+              "causal": int(getattr(variant, "causal", 0)), "mask_dtype": getattr(variant, "mask_dtype", "none"),
+              "split": int(getattr(variant, "split", 0)), "block_d": variant.block_d,
+              "num_stages": tile.num_stages, "triton": triton.__version__},
     )
 
 
@@ -422,7 +525,35 @@ def _run_interpreted(q_view, k_view, v_view, mask_t, out, *, b, hq, hkv, s, t, d
         HEAD_DIM=d, BLOCK_D=variant.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_MASK=bool(variant.has_mask), CAUSAL=bool(causal),
         DOT_PRECISION="ieee" if dtype == "float32" else "tf32", UPCAST_DOT=dtype == "bfloat16",
+        Part=None, Lse=None, CHUNK=0, SPLIT=False,
     )
+
+
+def _run_interpreted_split(q_view, k_view, v_view, mask_t, out, *, b, hq, hkv, s, t, d, scale, causal,
+                           dtype, block_m, block_n, splits):
+    """The split-over-keys path: chunk partials into a workspace, then the combine kernel."""
+    import torch
+
+    from fastertrt.plugins.attention.launch import split_plan
+
+    kernel, combine = _interpreted_kernel(), _interpreted_kernel(fastertrt_attention_combine)
+    nsplit, chunk = split_plan(t, block_n, splits)
+    block_d = KernelVariant(dtype, d).block_d
+    part = torch.zeros((b * hq, nsplit, s, block_d), dtype=torch.float32)
+    lse = torch.zeros((b * hq, nsplit, s), dtype=torch.float32)
+    ms = _mask_strides(mask_t.shape, b, hq, s, t) if mask_t is not None else (0, 0, 0, 0)
+    m_arg = mask_t if mask_t is not None else torch.zeros(1, dtype=torch.float32)
+    kernel[(math.ceil(s / block_m), b * hq, nsplit)](
+        q_view, k_view, v_view, m_arg, out,
+        *q_view.stride(), *k_view.stride(), *v_view.stride(), *out.stride(), *ms,
+        s, t, hq, hq // hkv, float(scale), part, lse, chunk,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=mask_t is not None, CAUSAL=bool(causal),
+        DOT_PRECISION="ieee" if dtype == "float32" else "tf32", UPCAST_DOT=dtype == "bfloat16", SPLIT=True,
+    )
+    combine[(math.ceil(s / COMBINE_BLOCK_M), b * hq)](
+        part, lse, out, *out.stride(), s, hq, nsplit, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=COMBINE_BLOCK_M)
+    return nsplit
 
 
 def _dtype_name(torch_dtype) -> str:
@@ -430,13 +561,14 @@ def _dtype_name(torch_dtype) -> str:
 
 
 def attention_interpreted(q, k, v, mask=None, *, scale=None, causal=False, dtype="float32",
-                          mask_dtype="float32", block_m=16, block_n=16):
+                          mask_dtype="float32", block_m=16, block_n=16, splits: int = 0):
     """Run the kernel on the CPU with Triton's interpreter; returns float32 numpy [B, Hq, S, D].
 
     q [B, Hq, S, D]; k, v [B, Hkv, T, D] (the full cache, past then new); mask additive,
     broadcastable to [B, Hq, S, T], or None. Inputs are rounded to `dtype` (the I/O type)
     and the mask to `mask_dtype`. Small tiles by default: the interpreter's cost grows
-    with tile size, and small tiles exercise the multi-tile online softmax."""
+    with tile size, and small tiles exercise the multi-tile online softmax. splits > 0
+    runs the split-over-keys kernel with about that many chunks, then the combine kernel."""
     import numpy as np
     import torch
 
@@ -445,9 +577,10 @@ def attention_interpreted(q, k, v, mask=None, *, scale=None, causal=False, dtype
     qt, kt, vt = (_to_torch(x, dtype) for x in (q, k, v))
     mask_t = _to_torch(mask, mask_dtype) if mask is not None else None
     out = torch.empty((b, hq, s, d), dtype=_torch_dtype(dtype))
-    _run_interpreted(qt, kt, vt, mask_t, out, b=b, hq=hq, hkv=hkv, s=s, t=t, d=d,
-                     scale=scale if scale is not None else 1.0 / math.sqrt(d), causal=causal,
-                     dtype=dtype, block_m=block_m, block_n=block_n)
+    run = functools.partial(_run_interpreted_split, splits=splits) if splits else _run_interpreted
+    run(qt, kt, vt, mask_t, out, b=b, hq=hq, hkv=hkv, s=s, t=t, d=d,
+        scale=scale if scale is not None else 1.0 / math.sqrt(d), causal=causal,
+        dtype=dtype, block_m=block_m, block_n=block_n)
     return out.to(torch.float32).numpy().astype(np.float32)
 
 

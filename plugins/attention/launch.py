@@ -15,10 +15,50 @@ from fastertrt.plugins.cuda_launch import (
     KernelLaunchError,
     current_compute_capability,
     launch,
+    multiprocessor_count,
     select_kernel,
 )
 
-__all__ = ["attention_launch", "attention_grid", "packed_qkv_strides", "bhsd_strides", "KernelLaunchError"]
+__all__ = ["attention_launch", "attention_grid", "packed_qkv_strides", "bhsd_strides", "KernelLaunchError",
+           "split_plan", "choose_splits", "split_workspace_bytes", "max_split_workspace_bytes"]
+
+# Splitting over keys pays when few programs would each walk a long cache (decode
+# steps): rows per (batch, head) up to this, and at most this many chunks.
+SPLIT_MAX_ROWS = 16
+MAX_SPLITS = 16
+COMBINE_BLOCK_M = 16  # the combine kernel's rows per program (kernels.COMBINE_BLOCK_M)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_plan(t: int, block_n: int, splits: int) -> tuple[int, int]:
+    """(chunks, keys per chunk) for about `splits` chunks of whole key tiles."""
+    splits = max(1, min(int(splits), _cdiv(t, block_n)))
+    chunk = _cdiv(_cdiv(t, splits), block_n) * block_n
+    return _cdiv(t, chunk), chunk
+
+
+def choose_splits(b: int, hq: int, s: int, t: int, block_m: int, block_n: int, sm_count: int) -> int:
+    """How many key chunks to launch (0: not the split path). Few query rows and a
+    cache of several key tiles take it (its kernel has a 16-row tile), with enough
+    chunks to fill the GPU about twice."""
+    if s > SPLIT_MAX_ROWS or t < 4 * block_n:
+        return 0
+    programs = _cdiv(s, block_m) * b * hq
+    return max(1, min(MAX_SPLITS, _cdiv(2 * sm_count, programs), _cdiv(t, block_n)))
+
+
+def split_workspace_bytes(b: int, hq: int, s: int, chunks: int, block_d: int) -> int:
+    """FP32 partial outputs [B*Hq, chunks, S, BLOCK_D], then log-sum-exps [B*Hq, chunks, S]."""
+    rows = b * hq * chunks * s
+    return rows * block_d * 4 + rows * 4
+
+
+def max_split_workspace_bytes(b_max: int, hq: int, s_max: int, block_d: int) -> int:
+    """What a split launch can need for shapes up to these (the plugin's workspace)."""
+    return split_workspace_bytes(b_max, hq, min(s_max, SPLIT_MAX_ROWS), MAX_SPLITS, block_d)
 
 
 def bhsd_strides(b: int, h: int, s: int, d: int) -> tuple[int, int, int, int]:
@@ -50,7 +90,7 @@ def attention_launch(
     q_strides: Sequence[int], k_strides: Sequence[int], v_strides: Sequence[int], out_strides: Sequence[int],
     mask_strides: Sequence[int] | None,
     B: int, Hq: int, S: int, T: int, group: int, scale: float, stream: int,
-    cc: int | None = None,
+    cc: int | None = None, split: tuple | None = None,
 ) -> CompiledKernel:
     """out[b, h, i] = softmax(scale * q k^T + mask [+ causal]) v for device pointers.
 
@@ -59,8 +99,14 @@ def attention_launch(
     KV head h // group. mask_strides: (b, h, s, t) of the additive mask broadcast to
     [B, Hq, S, T] (0 on broadcast axes, t stride 1), or None/ignored for kernels built
     without a mask. The kernel is picked by the current device's compute capability
-    (or `cc`); returns the kernel launched. stream: int CUstream handle."""
-    kernel = select_kernel(kernel_by_cc, cc if cc is not None else current_compute_capability(), "attention")
+    (or `cc`); returns the kernel launched. stream: int CUstream handle.
+
+    split: (split kernels by cc, combine kernels by cc, workspace pointer, workspace
+    bytes) lets a launch with few query rows and a long cache run over key chunks in
+    parallel and merge them (flash-decoding); it is taken only where it pays and the
+    workspace is large enough."""
+    cc = cc if cc is not None else current_compute_capability()
+    kernel = select_kernel(kernel_by_cc, cc, "attention")
     if S <= 0 or B <= 0 or Hq <= 0:
         return kernel  # nothing to compute; a zero-sized grid is a CUDA error
     if Hq % group or group < 1:
@@ -81,5 +127,31 @@ def attention_launch(
             raise KernelLaunchError(f"attention: the mask must be contiguous along keys (t stride 1), got {mt}; "
                                     f"expand a mask broadcast along keys before the plugin")
         values.update({"M": mask_ptr, "stride_mb": mb, "stride_mh": mh, "stride_ms": ms})
+    if split is not None and _launch_split(split, cc, values, out_strides, B, Hq, S, T, stream):
+        return kernel
     launch(kernel, attention_grid(kernel, B, Hq, S), values, stream)
     return kernel
+
+
+def _launch_split(split: tuple, cc: int, values: dict, out_strides, B: int, Hq: int, S: int, T: int,
+                  stream: int) -> bool:
+    split_by_cc, combine_by_cc, workspace, workspace_bytes = split
+    if not (split_by_cc and combine_by_cc and workspace):
+        return False
+    kernel = select_kernel(split_by_cc, cc, "attention (split)")
+    chunks = choose_splits(B, Hq, S, T, kernel.block_m, kernel.block_n, multiprocessor_count())
+    if not chunks:
+        return False
+    chunks, chunk = split_plan(T, kernel.block_n, chunks)
+    block_d = int(kernel.tags["block_d"])
+    if split_workspace_bytes(B, Hq, S, chunks, block_d) > workspace_bytes:
+        return False
+    lse = workspace + B * Hq * chunks * S * block_d * 4
+    launch(kernel, (_cdiv(S, kernel.block_m), B * Hq, chunks), {**values, "Part": workspace, "Lse": lse,
+                                                                "CHUNK": chunk}, stream)
+    combine = select_kernel(combine_by_cc, cc, "attention (combine)")
+    ob, oh, os_, _ = out_strides
+    launch(combine, (_cdiv(S, COMBINE_BLOCK_M), B * Hq, 1),
+           {"Part": workspace, "Lse": lse, "Out": values["Out"], "stride_ob": ob, "stride_oh": oh, "stride_os": os_,
+            "S": S, "H": Hq, "NSPLIT": chunks}, stream)
+    return True

@@ -20,6 +20,9 @@ from fastertrt.plugins.attention import spec
 from fastertrt.plugins.attention.spec import AttentionAttrs, AttentionSpecError
 
 KERNELS_FIELD = "kernels"
+# decode steps (has_past) also carry the split-over-keys kernel and its combine kernel
+SPLIT_FIELDS = ("kernels_split", "kernels_combine")
+BLOB_FIELDS = (KERNELS_FIELD, *SPLIT_FIELDS)
 INT_FIELDS = ("num_heads", "kv_num_heads", "head_size", "causal", "has_mask", "has_past", "qkv_packed")
 _BUILD_TARGETS: list[int] = []
 _REGISTERED: dict[str, object] = {}
@@ -47,12 +50,13 @@ def _dtype_names(trt) -> dict:
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def attrs_from_fields(fields) -> tuple[AttentionAttrs, bytes | None]:
-    """AttentionAttrs (and serialized kernels, when present) from a PluginFieldCollection."""
-    values, kernels = {}, None
+def attrs_from_fields(fields) -> tuple[AttentionAttrs, dict]:
+    """AttentionAttrs and the serialized kernels present ({field: bytes}) from a
+    PluginFieldCollection."""
+    values, kernels = {}, {}
     for f in fields:
-        if f.name == KERNELS_FIELD:
-            kernels = np.asarray(f.data).astype(np.int8).tobytes()
+        if f.name in BLOB_FIELDS:
+            kernels[f.name] = np.asarray(f.data).astype(np.int8).tobytes()
         elif f.name in INT_FIELDS:
             values[f.name] = int(np.asarray(f.data).reshape(-1)[0])
         elif f.name == "scale":
@@ -80,7 +84,7 @@ def _make_classes(trt):
             return d.get_constant_value() if d.is_constant() else None
 
     class AttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, attrs: AttentionAttrs, kernels: bytes | None = None):
+        def __init__(self, attrs: AttentionAttrs, kernels: dict | None = None):
             # each base's __init__ explicitly: super().__init__() alone crashes the bindings
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
@@ -91,7 +95,7 @@ def _make_classes(trt):
             self.plugin_namespace = spec.NAMESPACE
             self.plugin_name = spec.NAME
             self.plugin_version = spec.VERSION
-            self.kernels_blob = kernels
+            self.kernel_blobs = dict(kernels or {})
             self._kernels = None
             self.io_dtype = None
             self.mask_dtype = None
@@ -101,7 +105,7 @@ def _make_classes(trt):
             return self
 
         def clone(self):
-            twin = AttentionPlugin(self.attrs, self.kernels_blob)
+            twin = AttentionPlugin(self.attrs, self.kernel_blobs)
             twin.io_dtype, twin.mask_dtype, twin._kernels = self.io_dtype, self.mask_dtype, self._kernels
             return twin
 
@@ -132,7 +136,13 @@ def _make_classes(trt):
                 self.mask_dtype = dtype_names[inp[len(inp) - 1].desc.type]
 
         def get_workspace_size(self, inp, out):
-            return 0
+            if not self.attrs.has_past:
+                return 0
+            from fastertrt.plugins.attention.launch import max_split_workspace_bytes
+
+            dims = inp[0].max
+            b_max, s_max = int(dims[0]), int(dims[1] if self.attrs.qkv_packed else dims[2])
+            return max_split_workspace_bytes(b_max, self.attrs.num_heads, s_max, block_d(self.attrs.head_size))
 
         def get_valid_tactics(self):
             return []
@@ -143,14 +153,11 @@ def _make_classes(trt):
                                    trt.PluginFieldType.INT32) for name in INT_FIELDS]
             self._field_arrays.append(("scale", np.array([self.attrs.scale], dtype=np.float32),
                                        trt.PluginFieldType.FLOAT32))
-            self._field_arrays.append((KERNELS_FIELD, np.frombuffer(self._kernel_blob(), dtype=np.int8).copy(),
-                                       trt.PluginFieldType.INT8))
+            if KERNELS_FIELD not in self.kernel_blobs:
+                self.kernel_blobs = compile_kernels(self.attrs, self.io_dtype or "float32", self.mask_dtype)
+            for name, blob in self.kernel_blobs.items():
+                self._field_arrays.append((name, np.frombuffer(blob, dtype=np.int8).copy(), trt.PluginFieldType.INT8))
             return trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
-
-        def _kernel_blob(self) -> bytes:
-            if self.kernels_blob is None:
-                self.kernels_blob = compile_kernels(self.attrs, self.io_dtype or "float32", self.mask_dtype)
-            return self.kernels_blob
 
         # -- runtime -------------------------------------------------------------------
         def set_tactic(self, tactic):
@@ -166,12 +173,16 @@ def _make_classes(trt):
             if self._kernels is None:
                 from fastertrt.plugins.cuda_launch import unpack_kernels
 
-                if self.kernels_blob is None:
+                if KERNELS_FIELD not in self.kernel_blobs:
                     raise AttentionSpecError("attention plugin has no kernels: the engine was built without them")
-                self._kernels = unpack_kernels(self.kernels_blob)
+                self._kernels = {name: unpack_kernels(blob) for name, blob in self.kernel_blobs.items()}
             dims = [tuple(int(x) for x in d.dims) for d in input_desc]
             io = dtype_names[input_desc[0].type]
-            enqueue_attention(self.attrs, self._kernels, dims, list(inputs), list(outputs), _ITEMSIZE[io], int(stream))
+            split = None
+            if all(f in self._kernels for f in SPLIT_FIELDS) and workspace:
+                split = (self._kernels["kernels_split"], self._kernels["kernels_combine"], int(workspace))
+            enqueue_attention(self.attrs, self._kernels[KERNELS_FIELD], dims, list(inputs), list(outputs),
+                              _ITEMSIZE[io], int(stream), split)
 
     class AttentionCreator(trt.IPluginCreatorV3One):
         def __init__(self):
@@ -181,7 +192,7 @@ def _make_classes(trt):
             self.plugin_version = spec.VERSION
             self._field_arrays = [(n, np.array([0], dtype=np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
             self._field_arrays.append(("scale", np.array([1.0], dtype=np.float32), trt.PluginFieldType.FLOAT32))
-            self._field_arrays.append((KERNELS_FIELD, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8))
+            self._field_arrays += [(f, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8) for f in BLOB_FIELDS]
             self.field_names = trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
 
         def create_plugin(self, name, field_collection, phase):
@@ -191,10 +202,20 @@ def _make_classes(trt):
     return AttentionPlugin, AttentionCreator
 
 
-def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None) -> bytes:
-    """Cubins of this node's kernel variant for the build targets, packed for a plugin field."""
+def block_d(head_size: int) -> int:
+    """The kernels' padded head size (a power of two, at least 16)."""
+    return max(16, 1 << (int(head_size) - 1).bit_length())
+
+
+def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None) -> dict:
+    """Cubins of this node's kernel variants for the build targets, packed per plugin field."""
     try:
-        from fastertrt.plugins.attention.kernels import KernelVariant, compile_for_targets
+        from fastertrt.plugins.attention.kernels import (
+            CombineVariant,
+            KernelVariant,
+            compile_combine,
+            compile_for_targets,
+        )
         from fastertrt.plugins.cuda_launch import pack_kernels
     except ImportError as exc:
         from fastertrt.errors import MissingDependencyError
@@ -202,7 +223,14 @@ def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None
         raise MissingDependencyError("building engines with fastertrt's attention plugin compiles its Triton "
                                      "kernels: pip install 'fastertrt[kernels]'") from exc
     variant = KernelVariant(io_dtype, attrs.head_size, attrs.has_mask, attrs.causal, mask_dtype or "float32")
-    return pack_kernels(compile_for_targets(variant, build_targets()))
+    targets = build_targets()
+    blobs = {KERNELS_FIELD: pack_kernels(compile_for_targets(variant, targets))}
+    if attrs.has_past:
+        split = KernelVariant(io_dtype, attrs.head_size, attrs.has_mask, attrs.causal, mask_dtype or "float32", 1)
+        blobs["kernels_split"] = pack_kernels(compile_for_targets(split, targets))
+        combine = CombineVariant(io_dtype, attrs.head_size)
+        blobs["kernels_combine"] = pack_kernels({cc: compile_combine(combine, cc) for cc in targets})
+    return blobs
 
 
 def mask_strides(mask_dims: tuple, b: int, hq: int, s: int, t: int) -> tuple[int, int, int, int]:
@@ -220,10 +248,18 @@ def mask_strides(mask_dims: tuple, b: int, hq: int, s: int, t: int) -> tuple[int
 
 
 def enqueue_attention(attrs: AttentionAttrs, kernels: dict, dims: list, inputs: list, outputs: list,
-                      itemsize: int, stream: int) -> None:
+                      itemsize: int, stream: int, split: tuple | None = None) -> None:
     """Launch one plugin node on device pointers (the body of enqueue, also what
-    the GPU tests call). dims: the input shapes in spec order."""
-    from fastertrt.plugins.attention.launch import attention_launch, bhsd_strides, packed_qkv_strides
+    the GPU tests call). dims: the input shapes in spec order. split: (split kernels,
+    combine kernels, workspace pointer) for the split-over-keys path."""
+    from fastertrt.plugins.attention.launch import (
+        MAX_SPLITS,
+        SPLIT_MAX_ROWS,
+        attention_launch,
+        bhsd_strides,
+        packed_qkv_strides,
+        split_workspace_bytes,
+    )
 
     named = dict(zip(attrs.input_names(), zip(dims, inputs)))
     hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
@@ -252,8 +288,12 @@ def enqueue_attention(attrs: AttentionAttrs, kernels: dict, dims: list, inputs: 
     if attrs.has_mask:
         mask_dims, mask_ptr = named["mask"]
         m_strides = mask_strides(mask_dims, b, hq, s, t)
+    if split is not None:
+        # get_workspace_size asked for this much at the profile's largest B (and S)
+        split = (*split, split_workspace_bytes(b, hq, min(s, SPLIT_MAX_ROWS), MAX_SPLITS, block_d(d)))
     attention_launch(kernels, q_ptr, k_ptr, v_ptr, mask_ptr, outputs[0], q_strides, k_strides, v_strides,
-                     bhsd_strides(b, hq, s, d), m_strides, b, hq, s, t, attrs.group, attrs.scale, stream)
+                     bhsd_strides(b, hq, s, d), m_strides, b, hq, s, t, attrs.group, attrs.scale, stream,
+                     split=split)
 
 
 def copy_into_cache(dst: int, past: int, new: int, new_strides, b: int, h: int, p: int, n: int, d: int,

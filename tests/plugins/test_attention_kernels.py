@@ -47,6 +47,7 @@ class Case:
     causal: bool = False
     packed: bool = False
     scale: float | None = None
+    splits: int = 0  # > 0: the split-over-keys kernel with about this many chunks, then the combine kernel
 
     @property
     def t(self) -> int:
@@ -82,6 +83,16 @@ def _cases() -> list[Case]:
         Case("packed_gqa_fp16_causal_mask", packed=True, hq=4, hkv=2, causal=True, mask="pad_inf",
              dtype="float16", b=3),
         Case("packed_bf16_d24", packed=True, d=24, dtype="bfloat16", mask="pad_min", b=3),
+    ]
+    # split over keys (decode steps with a long cache): chunks of whole key tiles, a
+    # chunk that sees only masked keys, causal offsets, GQA, FP16 and BF16
+    cases += [
+        Case("split_decode_gqa_pad", s=1, past=70, hq=4, hkv=2, causal=True, mask="pad_inf", b=3, splits=3),
+        Case("split_decode_fp16_dead_chunk", s=1, past=60, hq=2, hkv=1, mask="pad_min", b=3, dtype="float16",
+             splits=5),
+        Case("split_prefill_rows_causal_bf16", s=4, past=45, hq=4, hkv=1, causal=True, d=24, dtype="bfloat16",
+             splits=4),
+        Case("split_one_chunk", s=2, past=9, causal=True, splits=8),
     ]
     for past in (0, 3, 17):
         cases.append(Case(f"causal_p{past}", s=5, past=past, hq=4, hkv=2, causal=True))
@@ -167,6 +178,8 @@ def _interpret_all(out_path: str) -> None:
     for case in CASES.values():
         x = case_inputs(case)
         common = dict(scale=case.scale, causal=case.causal, dtype=case.dtype, mask_dtype=case.mask_dtype)
+        if case.splits:
+            common["splits"] = case.splits
         if case.packed:
             out = kernels.attention_interpreted_packed(_packed(x["q"], x["k"], x["v"]), case.hq, case.hkv,
                                                        x["mask"], **common)
@@ -224,27 +237,39 @@ def test_causal_decode_with_empty_past_is_v_of_the_one_key(interpreted):
 # Ahead-of-time compile (no GPU)
 # -----------------------------------------------------------------------------
 def _variants(head_dim: int):
-    from fastertrt.plugins.attention.kernels import IO_DTYPES, KernelVariant
+    """Every kernel a plugin node can carry: the main kernel, its split-over-keys
+    form (decode steps) and the combine kernel, per I/O type, mask and causality."""
+    from fastertrt.plugins.attention.kernels import IO_DTYPES, CombineVariant, KernelVariant
 
     out = []
     for dtype in IO_DTYPES:
+        out.append(CombineVariant(dtype, head_dim))
         for causal in (0, 1):
-            out.append(KernelVariant(dtype, head_dim, has_mask=0, causal=causal))
-            for mask_dtype in sorted({"float32", dtype}):
-                out.append(KernelVariant(dtype, head_dim, has_mask=1, causal=causal, mask_dtype=mask_dtype))
+            for split in (0, 1):
+                out.append(KernelVariant(dtype, head_dim, has_mask=0, causal=causal, split=split))
+                for mask_dtype in sorted({"float32", dtype}):
+                    out.append(KernelVariant(dtype, head_dim, has_mask=1, causal=causal, mask_dtype=mask_dtype,
+                                             split=split))
     return out
 
 
 def _check_kernel(kernel, variant, cc):
+    from fastertrt.plugins.attention.kernels import CombineVariant
+
     assert kernel.cubin[:4] == b"\x7fELF"
     assert kernel.cc == cc and kernel.num_warps * 32 == kernel.block_threads
-    assert 0 < kernel.shared <= _shared_limit(cc), (variant, cc, kernel.shared)
+    assert 0 <= kernel.shared <= _shared_limit(cc), (variant, cc, kernel.shared)
     assert kernel.tags["variant"] == variant.tag()
     assert kernel.name.encode() in kernel.cubin  # the symbol the launcher looks up
     names = [a.name for a in kernel.args]
-    assert names[:3] == ["Q", "K", "V"] and names[-1] == "scale"
-    assert ("M" in names) == bool(variant.has_mask)
     assert not any(n.endswith("d") and n.startswith("stride_") for n in names)  # unit strides are baked in
+    if isinstance(variant, CombineVariant):
+        assert names[:3] == ["Part", "Lse", "Out"] and names[-1] == "NSPLIT"
+        return
+    assert names[:3] == ["Q", "K", "V"] and ("M" in names) == bool(variant.has_mask)
+    # a split launch writes chunk partials to the workspace, a plain one writes Out
+    assert names[-3:] == (["Part", "Lse", "CHUNK"] if variant.split else ["H", "GROUP", "scale"])
+    assert ("Out" in names) != bool(variant.split)
 
 
 def _shared_limit(cc: int) -> int:

@@ -88,13 +88,18 @@ def test_serialized_fields_carry_the_kernels():
     finally:
         set_build_targets([])
     again = creator.create_plugin(spec.NAME, stored, trt.TensorRTPhase.RUNTIME)
-    restored, blob = attrs_from_fields(stored)
+    restored, blobs = attrs_from_fields(stored)
     assert again.attrs == attrs == restored
-    kernels = unpack_kernels(again.kernels_blob)
-    assert sorted(kernels) == [80, 89]
-    for cc, k in kernels.items():
-        assert k.cubin[:4] == b"\x7fELF" and k.cc == cc
-        assert (k.tags["dtype"], k.tags["head_dim"], k.tags["has_mask"]) == ("float16", 64, 1)
+    # a decode step (has_past) also carries the split-over-keys kernel and its combine kernel
+    assert sorted(again.kernel_blobs) == sorted(blobs) == ["kernels", "kernels_combine", "kernels_split"]
+    for field, kernel_name in (("kernels", "fastertrt_attention_fwd"), ("kernels_split", "fastertrt_attention_fwd"),
+                               ("kernels_combine", "fastertrt_attention_combine")):
+        kernels = unpack_kernels(again.kernel_blobs[field])
+        assert sorted(kernels) == [80, 89]
+        for cc, k in kernels.items():
+            assert k.cubin[:4] == b"\x7fELF" and k.cc == cc and k.tags["kernel"] == kernel_name
+            assert (k.tags["dtype"], k.tags["head_dim"]) == ("float16", 64)
+            assert k.tags["split"] == (field == "kernels_split")
 
 
 def test_mask_strides_broadcast():
@@ -144,9 +149,10 @@ class _Device:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["encoder_mask", "decoder_gqa_past", "packed_causal_past"])
+@pytest.mark.parametrize("case", ["encoder_mask", "decoder_gqa_past", "packed_causal_past", "decoder_split_long_past"])
 def test_enqueue_matches_reference_on_gpu(case):
-    from fastertrt.plugins.attention.kernels import KernelVariant, compile_for_targets
+    from fastertrt.plugins.attention.kernels import CombineVariant, KernelVariant, compile_for_targets, compile_variant
+    from fastertrt.plugins.attention.launch import max_split_workspace_bytes
     from fastertrt.plugins.attention.trt import enqueue_attention
     from fastertrt.runtime.gpu import gpu_compute_capability
 
@@ -156,9 +162,11 @@ def test_enqueue_matches_reference_on_gpu(case):
                                            has_past=1),
         "packed_causal_past": AttentionAttrs(num_heads=4, kv_num_heads=2, head_size=32, scale=0.2, causal=1,
                                              has_past=1, qkv_packed=1),
+        "decoder_split_long_past": AttentionAttrs(num_heads=6, kv_num_heads=2, head_size=64, scale=0.125,
+                                                  has_mask=1, has_past=1),
     }[case]
     rng = np.random.default_rng(0)
-    b, s, past = 3, 5 if case != "decoder_gqa_past" else 1, 7
+    b, s, past = 3, 5 if "decoder" not in case else 1, 600 if "split" in case else 7
     t = s + (past if attrs.has_past else 0)
     hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
     shapes = {"qkv": (b, s, (hq + 2 * hkv) * d), "query": (b, hq, s, d), "key": (b, hkv, s, d),
@@ -178,7 +186,13 @@ def test_enqueue_matches_reference_on_gpu(case):
     try:
         in_ptrs = [dev.put(x) for x in inputs]
         out_ptrs = [dev.put(np.zeros(w.shape, np.float16)) for w in want]
-        enqueue_attention(attrs, kernels, [x.shape for x in inputs], in_ptrs, out_ptrs, 2, 0)
+        split = None
+        if "split" in case:  # a long cache and one query row: the split-over-keys kernels
+            split_variant = KernelVariant("float16", d, attrs.has_mask, attrs.causal, "float32", split=1)
+            workspace = dev.put(np.zeros(max_split_workspace_bytes(b, hq, s, 64), np.uint8))
+            split = ({cc: compile_variant(split_variant, cc)}, {cc: compile_variant(CombineVariant("float16", d), cc)},
+                     workspace)
+        enqueue_attention(attrs, kernels, [x.shape for x in inputs], in_ptrs, out_ptrs, 2, 0, split)
         got = [dev.get(p, w.shape, np.float16) for p, w in zip(out_ptrs, want)]
     finally:
         dev.free()
