@@ -25,6 +25,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from fastertrt.plugins.attention.launch import COMBINE_BLOCK_M, block_d, mask_strides, split_plan
+from fastertrt.plugins.attention.spec import ITEMSIZE
 from fastertrt.plugins.cuda_launch import CompiledKernel, KernelArg
 
 IO_DTYPES = ("float32", "float16", "bfloat16")
@@ -33,7 +35,6 @@ OPTIONAL_TARGETS = (75, 120)
 KERNEL_NAME = "fastertrt_attention_fwd"
 
 _TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Bound to triton.language by _triton() on first use; the kernel below looks it
 # up as a module global when Triton compiles or interprets it.
@@ -241,7 +242,7 @@ class KernelVariant:
 
     @property
     def block_d(self) -> int:
-        return max(16, 1 << (int(self.head_dim) - 1).bit_length())
+        return block_d(self.head_dim)
 
     def tag(self) -> str:
         return (f"{self.dtype}_d{self.head_dim}_m{self.has_mask}{'' if not self.has_mask else self.mask_dtype}"
@@ -295,7 +296,7 @@ def _alignment_hints(variant: KernelVariant) -> tuple[int, int]:
     assume. Both hold for contiguous BHSD tensors and packed-qkv views when D is a
     multiple of 16 (16 bytes: fp32 D=4k too); otherwise claim nothing. The launcher
     checks them on every call."""
-    ptr = 16 if (variant.head_dim * _ITEMSIZE[variant.dtype]) % 16 == 0 else 0
+    ptr = 16 if (variant.head_dim * ITEMSIZE[variant.dtype]) % 16 == 0 else 0
     stride = 16 if variant.head_dim % 16 == 0 else 0
     return ptr, stride
 
@@ -397,13 +398,12 @@ class CombineVariant:
 
     @property
     def block_d(self) -> int:
-        return KernelVariant(self.dtype, self.head_dim).block_d
+        return block_d(self.head_dim)
 
     def tag(self) -> str:
         return f"combine_{self.dtype}_d{self.head_dim}"
 
 
-COMBINE_BLOCK_M = 16  # launch.COMBINE_BLOCK_M must agree
 
 
 def _combine_signature(variant: CombineVariant):
@@ -493,20 +493,6 @@ def _to_torch(array, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(_torch_dtype(dtype))
 
 
-def _mask_strides(mask_shape, b: int, hq: int, s: int, t: int) -> tuple[int, int, int, int]:
-    """Element strides of a contiguous mask broadcast to [B, Hq, S, T] (0 on broadcast axes)."""
-    shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
-    full = (b, hq, s, t)
-    for have, want in zip(shape, full):
-        if have not in (1, want):
-            raise ValueError(f"mask shape {tuple(mask_shape)} does not broadcast to [B, Hq, S, T] = {list(full)}")
-    strides, step = [0] * 4, 1
-    for axis in range(3, -1, -1):
-        strides[axis] = step if shape[axis] != 1 else 0
-        step *= shape[axis]
-    return tuple(strides)
-
-
 def _run_interpreted(q_view, k_view, v_view, mask_t, out, *, b, hq, hkv, s, t, d, scale, causal,
                      dtype, block_m, block_n):
     import torch
@@ -514,7 +500,7 @@ def _run_interpreted(q_view, k_view, v_view, mask_t, out, *, b, hq, hkv, s, t, d
     kernel = _interpreted_kernel()
     variant = KernelVariant(dtype, d, has_mask=int(mask_t is not None), causal=int(causal),
                             mask_dtype=_dtype_name(mask_t.dtype) if mask_t is not None else "float32")
-    ms = _mask_strides(mask_t.shape, b, hq, s, t) if mask_t is not None else (0, 0, 0, 0)
+    ms = mask_strides(mask_t.shape, b, hq, s, t) if mask_t is not None else (0, 0, 0, 0)
     # The interpreter needs a tensor for every pointer: a 1-element dummy stands in for "no mask".
     m_arg = mask_t if mask_t is not None else torch.zeros(1, dtype=torch.float32)
     grid = (math.ceil(s / block_m), b * hq)
@@ -534,25 +520,23 @@ def _run_interpreted_split(q_view, k_view, v_view, mask_t, out, *, b, hq, hkv, s
     """The split-over-keys path: chunk partials into a workspace, then the combine kernel."""
     import torch
 
-    from fastertrt.plugins.attention.launch import split_plan
-
     kernel, combine = _interpreted_kernel(), _interpreted_kernel(fastertrt_attention_combine)
     nsplit, chunk = split_plan(t, block_n, splits)
-    block_d = KernelVariant(dtype, d).block_d
-    part = torch.zeros((b * hq, nsplit, s, block_d), dtype=torch.float32)
+    padded_d = block_d(d)
+    part = torch.zeros((b * hq, nsplit, s, padded_d), dtype=torch.float32)
     lse = torch.zeros((b * hq, nsplit, s), dtype=torch.float32)
-    ms = _mask_strides(mask_t.shape, b, hq, s, t) if mask_t is not None else (0, 0, 0, 0)
+    ms = mask_strides(mask_t.shape, b, hq, s, t) if mask_t is not None else (0, 0, 0, 0)
     m_arg = mask_t if mask_t is not None else torch.zeros(1, dtype=torch.float32)
     kernel[(math.ceil(s / block_m), b * hq, nsplit)](
         q_view, k_view, v_view, m_arg, out,
         *q_view.stride(), *k_view.stride(), *v_view.stride(), *out.stride(), *ms,
         s, t, hq, hq // hkv, float(scale), part, lse, chunk,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=d, BLOCK_D=padded_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_MASK=mask_t is not None, CAUSAL=bool(causal),
         DOT_PRECISION="ieee" if dtype == "float32" else "tf32", UPCAST_DOT=dtype == "bfloat16", SPLIT=True,
     )
     combine[(math.ceil(s / COMBINE_BLOCK_M), b * hq)](
-        part, lse, out, *out.stride(), s, hq, nsplit, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=COMBINE_BLOCK_M)
+        part, lse, out, *out.stride(), s, hq, nsplit, HEAD_DIM=d, BLOCK_D=padded_d, BLOCK_M=COMBINE_BLOCK_M)
     return nsplit
 
 

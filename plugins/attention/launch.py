@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fastertrt.plugins.attention.spec import AttentionSpecError
 from fastertrt.plugins.cuda_launch import (
     CompiledKernel,
     KernelLaunchError,
@@ -20,17 +21,39 @@ from fastertrt.plugins.cuda_launch import (
 )
 
 __all__ = ["attention_launch", "attention_grid", "packed_qkv_strides", "bhsd_strides", "KernelLaunchError",
-           "split_plan", "choose_splits", "split_workspace_bytes", "max_split_workspace_bytes"]
+           "split_plan", "choose_splits", "split_workspace_bytes", "max_split_workspace_bytes", "block_d",
+           "mask_strides"]
 
 # Splitting over keys pays when few programs would each walk a long cache (decode
 # steps): rows per (batch, head) up to this, and at most this many chunks.
 SPLIT_MAX_ROWS = 16
 MAX_SPLITS = 16
-COMBINE_BLOCK_M = 16  # the combine kernel's rows per program (kernels.COMBINE_BLOCK_M)
+COMBINE_BLOCK_M = 16  # the combine kernel's rows per program (kernels.py compiles it with this)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def block_d(head_size: int) -> int:
+    """The kernels' padded head size: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (int(head_size) - 1).bit_length())
+
+
+def mask_strides(mask_dims, b: int, hq: int, s: int, t: int) -> tuple[int, int, int, int]:
+    """Element strides of a contiguous additive mask broadcast to [B, Hq, S, T]
+    (0 on broadcast axes)."""
+    full = (1,) * (4 - len(mask_dims)) + tuple(mask_dims)
+    want = (b, hq, s, t)
+    for axis, (have, need) in enumerate(zip(full, want)):
+        if have not in (1, need):
+            raise AttentionSpecError(f"attention mask dims {tuple(mask_dims)} do not broadcast to {want} "
+                                     f"(axis {axis})")
+    strides, step = [0, 0, 0, 0], 1
+    for axis in (3, 2, 1, 0):
+        strides[axis] = 0 if full[axis] == 1 and want[axis] != 1 else step
+        step *= full[axis]
+    return tuple(strides)
 
 
 def split_plan(t: int, block_n: int, splits: int) -> tuple[int, int]:

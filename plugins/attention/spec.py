@@ -34,6 +34,7 @@ VERSION = "1"
 NAMESPACE = "fastertrt"
 DOMAIN = "fastertrt"
 IO_DTYPES = ("float32", "float16", "bfloat16")
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class AttentionSpecError(FastertrtError, ValueError):

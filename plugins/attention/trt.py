@@ -17,7 +17,20 @@ import threading
 import numpy as np
 
 from fastertrt.plugins.attention import spec
-from fastertrt.plugins.attention.spec import AttentionAttrs, AttentionSpecError
+from fastertrt.plugins.attention.launch import (
+    MAX_SPLITS,
+    SPLIT_MAX_ROWS,
+    attention_launch,
+    bhsd_strides,
+    block_d,
+    mask_strides,
+    max_split_workspace_bytes,
+    packed_qkv_strides,
+    split_workspace_bytes,
+)
+from fastertrt.plugins.attention.spec import ITEMSIZE, AttentionAttrs, AttentionSpecError
+from fastertrt.plugins.cuda_launch import _driver as cuda_driver
+from fastertrt.plugins.cuda_launch import driver_call
 
 KERNELS_FIELD = "kernels"
 # decode steps (has_past) also carry the split-over-keys kernel and its combine kernel
@@ -45,9 +58,6 @@ def build_targets() -> list[int]:
 
 def _dtype_names(trt) -> dict:
     return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
-
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def attrs_from_fields(fields) -> tuple[AttentionAttrs, dict]:
@@ -138,8 +148,6 @@ def _make_classes(trt):
         def get_workspace_size(self, inp, out):
             if not self.attrs.has_past:
                 return 0
-            from fastertrt.plugins.attention.launch import max_split_workspace_bytes
-
             dims = inp[0].max
             b_max, s_max = int(dims[0]), int(dims[1] if self.attrs.qkv_packed else dims[2])
             return max_split_workspace_bytes(b_max, self.attrs.num_heads, s_max, block_d(self.attrs.head_size))
@@ -182,7 +190,7 @@ def _make_classes(trt):
             if all(f in self._kernels for f in SPLIT_FIELDS) and workspace:
                 split = (self._kernels["kernels_split"], self._kernels["kernels_combine"], int(workspace))
             enqueue_attention(self.attrs, self._kernels[KERNELS_FIELD], dims, list(inputs), list(outputs),
-                              _ITEMSIZE[io], int(stream), split)
+                              ITEMSIZE[io], int(stream), split)
 
     class AttentionCreator(trt.IPluginCreatorV3One):
         def __init__(self):
@@ -200,11 +208,6 @@ def _make_classes(trt):
             return AttentionPlugin(attrs, kernels)
 
     return AttentionPlugin, AttentionCreator
-
-
-def block_d(head_size: int) -> int:
-    """The kernels' padded head size (a power of two, at least 16)."""
-    return max(16, 1 << (int(head_size) - 1).bit_length())
 
 
 def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None) -> dict:
@@ -233,33 +236,11 @@ def compile_kernels(attrs: AttentionAttrs, io_dtype: str, mask_dtype: str | None
     return blobs
 
 
-def mask_strides(mask_dims: tuple, b: int, hq: int, s: int, t: int) -> tuple[int, int, int, int]:
-    """Element strides of an additive mask broadcast to [B, Hq, S, T] (0 on broadcast axes)."""
-    full = (1,) * (4 - len(mask_dims)) + tuple(mask_dims)
-    want = (b, hq, s, t)
-    for axis, (have, need) in enumerate(zip(full, want)):
-        if have not in (1, need):
-            raise AttentionSpecError(f"attention mask dims {mask_dims} do not broadcast to {want} (axis {axis})")
-    strides, step = [0, 0, 0, 0], 1
-    for axis in (3, 2, 1, 0):
-        strides[axis] = 0 if full[axis] == 1 and want[axis] != 1 else step
-        step *= full[axis]
-    return tuple(strides)
-
-
 def enqueue_attention(attrs: AttentionAttrs, kernels: dict, dims: list, inputs: list, outputs: list,
                       itemsize: int, stream: int, split: tuple | None = None) -> None:
     """Launch one plugin node on device pointers (the body of enqueue, also what
     the GPU tests call). dims: the input shapes in spec order. split: (split kernels,
     combine kernels, workspace pointer) for the split-over-keys path."""
-    from fastertrt.plugins.attention.launch import (
-        MAX_SPLITS,
-        SPLIT_MAX_ROWS,
-        attention_launch,
-        bhsd_strides,
-        packed_qkv_strides,
-        split_workspace_bytes,
-    )
 
     named = dict(zip(attrs.input_names(), zip(dims, inputs)))
     hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
@@ -317,10 +298,7 @@ def copy_into_cache(dst: int, past: int, new: int, new_strides, b: int, h: int, 
 
 
 def _copy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, stream: int) -> None:
-    from cuda.bindings import driver
-
-    from fastertrt.plugins.cuda_launch import driver_call
-
+    driver = cuda_driver()
     desc = driver.CUDA_MEMCPY2D()
     desc.srcMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
     desc.srcDevice = src

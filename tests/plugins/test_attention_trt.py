@@ -11,8 +11,9 @@ import pytest
 
 from fastertrt.errors import BuildError
 from fastertrt.plugins.attention import reference, spec
+from fastertrt.plugins.attention.launch import mask_strides
 from fastertrt.plugins.attention.spec import AttentionAttrs
-from fastertrt.plugins.attention.trt import attrs_from_fields, mask_strides
+from fastertrt.plugins.attention.trt import attrs_from_fields
 
 
 def _rtx():
