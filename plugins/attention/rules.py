@@ -417,12 +417,11 @@ def explain(model, block) -> dict:
         for rule in rules:
             why = None
             for node in candidates:
-                result = rule.match(model, model.graph, node, check_nodes_are_removable=False)
-                if result is not None and result:
+                tracer = _tracer()
+                if rule.match(model, model.graph, node, tracer=tracer, check_nodes_are_removable=False):
                     why = "matches, but the rewrite was not applied (the block overlaps another match)"
                     break
-                reason = _last_reason(rule, model, node)
-                why = why or reason
+                why = why or _traced_reason(tracer, rule)
             if name == "core" and block.op_type == "Softmax" and (why is None or why.startswith("Mismatch")):
                 why = _structure_hint(block, why)
             reasons[name] = why or "no candidate node"
@@ -453,15 +452,16 @@ def _downstream(node, hops):
     return [n for n in out if n.op_type in ("MatMul", spec.NAME)]
 
 
-def _last_reason(rule, model, node) -> str | None:
-    """The matcher's or the check's reason for rejecting `node` (Pattern.match
-    returns None when the check fails, so ask the tracer)."""
+def _tracer():
     from onnxscript.rewriter import _basics
 
-    tracer = _basics.MatchingTracer()
-    rule.match(model, model.graph, node, tracer=tracer, check_nodes_are_removable=False)
-    infos = tracer.best_matches_map.get(rule) or []
-    for info in infos:
+    return _basics.MatchingTracer()
+
+
+def _traced_reason(tracer, rule) -> str | None:
+    """The matcher's or the check's reason for rejecting a node (Pattern.match
+    returns None when the check fails, so the tracer is where it is kept)."""
+    for info in tracer.best_matches_map.get(rule) or []:
         if info.match_result.reason:
             return info.match_result.reason
     return None
@@ -469,7 +469,6 @@ def _last_reason(rule, model, node) -> str | None:
 
 def attach_functions(model) -> int:
     """Give every plugin node its reference ONNX function (one per attribute set)."""
-    import onnx
     import onnx_ir as ir
 
     from fastertrt.plugins.attention.reference import onnx_function
@@ -488,7 +487,6 @@ def attach_functions(model) -> int:
             fn = ir.serde.deserialize_function(proto)
             model.functions[fn.identifier()] = fn
             made += 1
-    del onnx
     return made
 
 
@@ -554,9 +552,6 @@ def plan_onnx_attention(b: dict):
     for name in ("key_grouped", "value_grouped"):
         if b.get(name) is not None and not _grouped_ok(b[name], hkv, hq):
             return f"{name} is not a repeat of each key/value head {hq // hkv} times"
-    if hkv != hq and not (b.get("key_grouped") is not None and b.get("value_grouped") is not None) \
-            and _dims(node.inputs[1])[1] != hkv:
-        return "keys and values have different head counts"
     has_mask = int(b.get("mask") is not None)
     if has_mask and (problem := _mask_problem(_dims(b["mask"]), hq)):
         return problem
