@@ -57,6 +57,27 @@ def staging(out: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def updating(bundle):
+    """Yield (stage, manifest) for changing an existing bundle atomically: its
+    files are hard-linked (copied across filesystems) into a staging folder that
+    replaces the bundle when the block succeeds."""
+    from fastertrt.runtime.manifest import read_manifest, verify_files
+
+    bundle = Path(bundle).resolve()
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest)
+    with staging(bundle, overwrite=True) as stage:
+        for rel in manifest["files"]:
+            dst = stage / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(bundle / rel, dst)  # same filesystem: no copy of large weights
+            except OSError:
+                shutil.copy2(bundle / rel, dst)
+        yield stage, manifest
+
+
 def save_tokenizer(tokenizer, stage: Path) -> dict | None:
     """Save a transformers tokenizer; the runtime needs its tokenizer.json."""
     if tokenizer is None:

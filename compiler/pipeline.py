@@ -53,13 +53,15 @@ def _max_length(model, family, pooling) -> int:
 
 def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool = True,
                   overwrite: bool = False, tokenizer=None, progress=None, build=None,
-                  plugins: bool = True, allow_partial: bool = False) -> Path:
+                  plugins: bool = True, allow_partial: bool = False, calibration=None) -> Path:
     """Compile a shipped model name, a Hugging Face folder, or a loaded
     transformers model into a bundle folder at `output`. Returns its path.
 
     build: a fastertrt.compiler.build.BuildOptions to also build TensorRT engines.
     plugins: replace attention with fastertrt's plugin (fused graphs); every block
-    must fuse unless allow_partial."""
+    must fuse unless allow_partial.
+    calibration: a fastertrt.calibration.calibrate.CalibrationOptions to also
+    calibrate INT8 (int8.onnx + cache + report; engines are then built INT8)."""
     progress = progress or quiet()
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
@@ -121,6 +123,10 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             "rewrite": {"plugins": plugins, "allow_partial": allow_partial,
                         "parity": rewrite_report.to_json() if rewrite_report else None},
         }
+        if calibration is not None:
+            from fastertrt.calibration.calibrate import calibrate_stage
+
+            manifest = calibrate_stage(stage, manifest, calibration, progress)
         if build is not None:
             from fastertrt.compiler.build import add_engines
 

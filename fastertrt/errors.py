@@ -90,3 +90,16 @@ class ShapeOutOfProfileError(InputError):
 
 class PluginMissingError(BundleError):
     """The engine uses a plugin that this installation cannot provide."""
+
+
+# --- calibration -------------------------------------------------------------------
+class CalibrationError(FastertrtError):
+    """INT8 calibration could not run as asked."""
+
+
+class CalibrationDataError(CalibrationError, InputError):
+    """The calibration sample data is missing, empty or unreadable."""
+
+
+class CalibrationCacheError(CalibrationError):
+    """A calibration cache does not belong to this model or data."""

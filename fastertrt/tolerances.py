@@ -23,6 +23,10 @@ TOLERANCES = {
     ("kernel", "fp32"): Tolerance(atol=1e-5),
     ("kernel", "fp16"): Tolerance(atol=2e-3),
     ("kernel", "bf16"): Tolerance(atol=2e-2),
+    # the ONNX Runtime variant of int8.onnx (integer kernels) vs int8.onnx run as Q/DQ + FP32 MatMul:
+    # summation order moves a few activations across a rounding step, which later layers carry on
+    # (measured on MiniLM: first layer within 3e-6, last hidden state per token min cosine 0.997)
+    ("lowering", "int8"): Tolerance(atol=0.5, min_cosine=0.99),
     # engine vs ONNX Runtime on the same graph (TensorRT picks its own kernels)
     ("engine", "fp32"): Tolerance(atol=1e-3, min_cosine=0.9999),
     ("engine", "fp16"): Tolerance(atol=2e-2, min_cosine=0.999),

@@ -10,6 +10,9 @@ REGISTRY: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.t
 # plugin name -> the module with its rewrite rules (find_blocks, rule_set, explain,
 # attach_functions); compile-time only (it imports onnxscript)
 REWRITES: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.rules"}
+# plugin name -> module with `lower(node, consts)`: the node as ONNX
+# Runtime's own operators, for the ORT variants of graphs (compile time)
+ORT_LOWERINGS: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.ort"}
 
 
 def register_all(trt_module) -> list[str]:

@@ -22,7 +22,9 @@ def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool
 
     backend: "auto" runs the bundle's TensorRT engines when a matching TensorRT
     and GPU are here, else ONNX Runtime (saying why, once); "tensorrt" or
-    "onnxruntime" force one. precision picks among engines (default: the last built)."""
+    "onnxruntime" force one. precision picks among engines (default: the last built) and, on
+    ONNX Runtime, between the FP32 graphs and the calibrated INT8 ones ("int8"; the
+    default when the bundle was calibrated)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if verify:
@@ -35,8 +37,24 @@ def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool
     if graphs is None:
         from fastertrt.runtime.onnxruntime_backend import OrtGraph
 
-        graphs = {name: OrtGraph(bundle / g["file"], g, threads) for name, g in manifest["graphs"].items()}
+        files = _ort_files(bundle, manifest, precision)
+        graphs = {name: OrtGraph(bundle / files[name], g, threads) for name, g in manifest["graphs"].items()}
     return _CLASSES[manifest["kind"]](bundle, manifest, graphs)
+
+
+def _ort_files(bundle: Path, manifest: dict, precision) -> dict:
+    """graph name -> the file ONNX Runtime runs for `precision`."""
+    from fastertrt.errors import BundleError
+
+    precision = precision or manifest.get("default_precision", "fp32")
+    if precision != "int8":
+        return {name: g["file"] for name, g in manifest["graphs"].items()}
+    int8 = manifest.get("int8", {}).get("graphs", {})
+    missing = [name for name in manifest["graphs"] if name not in int8]
+    if missing:
+        raise BundleError(f"bundle {bundle} has no INT8 graph for {', '.join(missing)}; calibrate it with: "
+                          f"fastertrt calibrate {bundle}")
+    return {name: int8[name].get("ort_file", int8[name]["file"]) for name in manifest["graphs"]}
 
 
 _SAID: set = set()

@@ -16,6 +16,14 @@ examples:
   fastertrt compile ./my-bert-folder -o bert.bundle --attn-implementation eager
   fastertrt compile ./my-model -o my.bundle --allow-partial   # fuse what matches, keep the rest as ONNX
   fastertrt compile minilm -o minilm.bundle --backend tensorrt-rtx --precision fp16 --shapes batch=1:8:32,seq=1:128:256
+  fastertrt compile minilm -o minilm-int8.bundle --int8 --calib-data my-domain.txt --calib-method entropy
+"""
+EPILOG_CALIBRATE = """\
+examples:
+  fastertrt calibrate minilm.bundle                                  # default sample set, max calibrator
+  fastertrt calibrate minilm.bundle --data my-domain.txt --method entropy
+  fastertrt calibrate minilm.bundle --data samples.jsonl --calib-field body --method percentile --percentile 99.999
+  fastertrt calibrate minilm.bundle --exclude 'model.encoder.layer.5.*' && fastertrt build minilm.bundle --precision int8
 """
 EPILOG_RUN = """\
 examples:
@@ -50,8 +58,10 @@ def _add_build_args(p, auto: bool) -> None:
     p.add_argument("--backend", choices=choices, default="auto" if auto else "tensorrt-rtx",
                    help="engine builder. " + ("auto: tensorrt if installed, else tensorrt-rtx if installed, else "
                                               "ONNX only; none: ONNX only" if auto else "default tensorrt-rtx"))
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="fp16/bf16 run MatMul/Gemm in that type and keep norms, softmax and reductions FP32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16") + (() if auto else ("int8",)), default=None,
+                   help="fp16/bf16 run MatMul/Gemm in that type and keep norms, softmax and reductions FP32"
+                        + ("; int8 builds the calibrated int8.onnx (fastertrt calibrate first)" if not auto
+                           else " (default fp32; --int8 builds int8)"))
     p.add_argument("--shapes", default=None,
                    help="optimization profile(s): name=min:opt:max over batch, seq, past (';' between profiles; "
                         "decode.seq=... scopes a dim to the decode step)")
@@ -59,6 +69,46 @@ def _add_build_args(p, auto: bool) -> None:
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="0-5",
                    help="builder optimization level (default 3)")
     p.add_argument("--timing-cache", default=None, help="timing cache file, read and updated (standard TensorRT)")
+
+
+def _add_calibration_args(p, in_compile: bool) -> None:
+    data = "--calib-data" if in_compile else "--data"
+    p.add_argument(data, dest="calib_data", default=None, metavar="FILE",
+                   help="sample data: .txt (one sample a line), .jsonl (text in --calib-field) or .npz (input_ids "
+                        "[N, L], attention_mask); default: a built-in English sample set")
+    p.add_argument("--calib-field", default="text", help="JSONL field with the text (default: text)")
+    method = "--calib-method" if in_compile else "--method"
+    p.add_argument(method, dest="calib_method", choices=("max", "percentile", "entropy", "mse"), default="max",
+                   help="activation range calibrator (default max)")
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (99.9, 99.99, 99.999)")
+    p.add_argument("--smooth-alpha", type=float, default=0.85,
+                   help="SmoothQuant migration strength, 0..1 (default 0.85); --no-smooth turns it off")
+    p.add_argument("--no-smooth", action="store_true", help="no SmoothQuant scaling of activations")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching layers FP32: glob on module path, node or weight name "
+                        "(e.g. 'model.encoder.layer.5.*'); repeatable")
+    p.add_argument("--max-layer-error", type=float, default=0.05,
+                   help="sensitivity pass: layers whose INT8 output error (relative) exceeds this get their full "
+                        "range, then FP32 (default 0.05; 0 or less disables)")
+    p.add_argument("--calib-batch", type=int, default=16, help="calibration batch size (default 16)")
+    p.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
+    p.add_argument("--fp32-embeddings", action="store_true", help="keep embedding tables FP32 (bigger file)")
+    p.add_argument("--calib-cache", default=None, metavar="FILE",
+                   help="calibration cache to reuse (default: the bundle's own calibration/cache.json)")
+
+
+def _calibration_options(args):
+    from pathlib import Path
+
+    from fastertrt.calibration.calibrate import CalibrationOptions
+
+    return CalibrationOptions(
+        data=Path(args.calib_data) if args.calib_data else None, text_field=args.calib_field,
+        method=args.calib_method, percentile=args.percentile,
+        smooth_alpha=None if args.no_smooth else args.smooth_alpha, exclude=list(args.exclude),
+        max_layer_error=args.max_layer_error if args.max_layer_error > 0 else None, batch_size=args.calib_batch,
+        max_samples=args.calib_samples, embeddings=not args.fp32_embeddings,
+        cache=Path(args.calib_cache) if args.calib_cache else None)
 
 
 def _build_options(args):
@@ -78,7 +128,13 @@ def _build_options(args):
             return None
     from pathlib import Path
 
-    return BuildOptions(backend=backend, precision=args.precision, shapes=args.shapes,
+    precision = args.precision or ("int8" if getattr(args, "int8", False) else "fp32")
+    if getattr(args, "int8", False) and args.precision not in (None, "int8"):
+        from fastertrt.errors import BuildError
+
+        raise BuildError(f"--int8 builds the INT8 engine; drop --precision {args.precision} or build it afterwards "
+                         f"with: fastertrt build BUNDLE --precision {args.precision}")
+    return BuildOptions(backend=backend, precision=precision, shapes=args.shapes,
                         targets=[t.strip().lower() for t in args.targets.split(",") if t.strip()],
                         opt_level=args.opt_level, timing_cache=Path(args.timing_cache) if args.timing_cache else None)
 
@@ -110,7 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plugins", action="store_true",
                    help="do not replace attention with fastertrt's plugin (the engine uses TensorRT's own)")
     c.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    c.add_argument("--int8", action="store_true",
+                   help="calibrate INT8 on sample data (explicit Q/DQ): int8.onnx, its ONNX Runtime variant, a "
+                        "calibration cache and an accuracy report; the engine is built INT8")
     _add_build_args(c, auto=True)
+    _add_calibration_args(c, in_compile=True)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     bd = sub.add_parser("build", help="(re)build TensorRT engines of a bundle", epilog=EPILOG_BUILD,
@@ -121,6 +181,16 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("bundle")
     _add_build_args(bd, auto=False)
     bd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    cb = sub.add_parser("calibrate", help="(re)calibrate INT8 on an existing bundle", epilog=EPILOG_CALIBRATE,
+                        formatter_class=fmt,
+                        description="Run INT8 calibration on a bundle's fused graph: sample data -> activation "
+                                    "ranges (SmoothQuant + a calibrator) -> int8.onnx with Q/DQ for TensorRT, "
+                                    "int8.ort.onnx for ONNX Runtime, calibration/cache.json (+ TensorRT's text "
+                                    "cache) and calibration/report.json (held-out accuracy vs FP32).")
+    cb.add_argument("bundle")
+    _add_calibration_args(cb, in_compile=False)
+    cb.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     r = sub.add_parser("run", help="run a bundle on text or token ids", epilog=EPILOG_RUN, formatter_class=fmt,
                        description="Load a bundle with the thin runtime (no torch) and run it: encoders print "
@@ -159,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"compile": _compile, "build": _build, "run": _run, "inspect": _inspect, "bench": _bench}
+        commands = {"compile": _compile, "build": _build, "calibrate": _calibrate, "run": _run, "inspect": _inspect, "bench": _bench}
         return commands[args.command](args)
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -177,7 +247,20 @@ def _compile(args) -> int:
     progress.info(f"fastertrt compile {args.model} -> {args.output}")
     compile_model(args.model, args.output, attn_implementation=args.attn_implementation,
                   parity=not args.no_parity, overwrite=args.force, progress=progress, build=_build_options(args),
-                  plugins=not args.no_plugins, allow_partial=args.allow_partial)
+                  plugins=not args.no_plugins, allow_partial=args.allow_partial,
+                  calibration=_calibration_options(args) if args.int8 else None)
+    return 0
+
+
+def _calibrate(args) -> int:
+    from fastertrt.calibration.calibrate import calibrate_bundle
+    from fastertrt.progress import Progress
+
+    progress = Progress(enabled=not args.quiet)
+    progress.info(f"fastertrt calibrate {args.bundle} (method {args.calib_method})")
+    calibrate_bundle(args.bundle, _calibration_options(args), progress)
+    progress.info(f"int8.onnx, int8.ort.onnx and calibration/ written into {args.bundle}; build an INT8 engine "
+                  f"with: fastertrt build {args.bundle} --precision int8")
     return 0
 
 
@@ -186,7 +269,7 @@ def _build(args) -> int:
     from fastertrt.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
-    progress.info(f"fastertrt build {args.bundle} ({args.backend}, {args.precision})")
+    progress.info(f"fastertrt build {args.bundle} ({args.backend}, {args.precision or 'fp32'})")
     build_bundle(args.bundle, _build_options(args), progress)
     progress.info(f"engines written into {args.bundle}")
     return 0

@@ -37,6 +37,13 @@ def _source_graphs(stage: Path, manifest: dict, precision: str, progress) -> dic
     from fastertrt.compiler.export.shared_weights import share_weights
 
     graphs = manifest["graphs"]
+    if precision == "int8":  # explicit Q/DQ: the calibrated graph is the engine's source
+        int8 = manifest.get("int8", {}).get("graphs", {})
+        missing = [name for name in graphs if name not in int8]
+        if missing:
+            raise BuildError(f"the bundle has no INT8 graph for {', '.join(missing)}; calibrate it first: "
+                             f"fastertrt calibrate BUNDLE (or compile with --int8)")
+        return {name: stage / int8[name]["file"] for name in graphs}
     if precision == "fp32":
         return {name: stage / g["file"] for name, g in graphs.items()}
     out = {}
@@ -56,8 +63,8 @@ def add_engines(stage: Path, manifest: dict, opts: BuildOptions, progress=None) 
     """Build one engine per graph into `stage`; return the manifest with its
     `engines` entries (replacing earlier ones of the same backend + precision)."""
     progress = progress or quiet()
-    if opts.precision not in PRECISIONS:
-        raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.precision not in PRECISIONS + ("int8",):
+        raise BuildError(f"precision must be one of {', '.join(PRECISIONS + ('int8',))}, got {opts.precision!r}")
     backend = load_backend(opts.backend)
     max_len = int(manifest["model"].get("max_length", 512))
     profiles = {name: resolve_profiles(name, g["inputs"], opts.shapes, max_len)
@@ -98,19 +105,9 @@ def add_engines(stage: Path, manifest: dict, opts: BuildOptions, progress=None) 
 def build_bundle(bundle, opts: BuildOptions, progress=None) -> Path:
     """`fastertrt build`: (re)build engines of an existing bundle, atomically:
     the bundle is linked into a staging folder, engines added, then swapped in."""
-    from fastertrt.compiler.bundle import staging, write_manifest
-    from fastertrt.runtime.manifest import read_manifest, verify_files
+    from fastertrt.compiler.bundle import updating, write_manifest
 
     bundle = Path(bundle).resolve()
-    manifest = read_manifest(bundle)
-    verify_files(bundle, manifest)
-    with staging(bundle, overwrite=True) as stage:
-        for rel in manifest["files"]:
-            dst = stage / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(bundle / rel, dst)  # same filesystem: no copy of large weights
-            except OSError:
-                shutil.copy2(bundle / rel, dst)
+    with updating(bundle) as (stage, manifest):
         write_manifest(stage, add_engines(stage, manifest, opts, progress))
     return bundle

@@ -45,14 +45,61 @@ def network_summary(network) -> dict:
     def io(t):
         return {"name": t.name, "dtype": _dtype(t.dtype), "shape": list(t.shape)}
 
+    producer = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for k in range(layer.num_outputs):
+            producer[layer.get_output(k).name] = layer
+
+    def dequantized(t) -> bool:
+        """Produced by a DEQUANTIZE layer, possibly through the parser's broadcast reshapes."""
+        while t is not None and t.name in producer:
+            layer = producer[t.name]
+            kind = str(layer.type).rsplit(".", 1)[-1]
+            if kind == "DEQUANTIZE":
+                return True
+            if kind != "SHUFFLE":
+                return False
+            t = layer.get_input(0)
+        return False
+
+    quantized, matmuls = 0, 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if str(layer.type).rsplit(".", 1)[-1] == "MATRIX_MULTIPLY":
+            matmuls += 1
+            quantized += all(dequantized(layer.get_input(k)) for k in range(layer.num_inputs))
+
     return {
         "layers": network.num_layers,
         "layer_types": dict(types.most_common()),
         "output_precisions": dict(precisions.most_common()),
         "plugin_layers": plugins,
+        "matmul_layers": matmuls,
+        "qdq_matmul_layers": quantized,  # both inputs from DEQUANTIZE layers: TensorRT runs them INT8
         "inputs": [io(network.get_input(i)) for i in range(network.num_inputs)],
         "outputs": [io(network.get_output(i)) for i in range(network.num_outputs)],
     }
+
+
+def qdq_matmul_nodes(onnx_path: Path) -> int:
+    """MatMul/Gemm nodes of a graph whose two inputs are DequantizeLinear outputs."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(n.op_type in ("MatMul", "Gemm") and n.input[0] in dq and n.input[1] in dq for n in graph.node)
+
+
+def check_qdq_layers(onnx_path: Path, summary: dict, backend) -> int:
+    """Every quantized MatMul of the graph has its Q/DQ layers in the parsed network."""
+    want = qdq_matmul_nodes(onnx_path)
+    have = summary["qdq_matmul_layers"]
+    if have != want:
+        raise BuildError(f"{onnx_path.name} has {want} MatMul/Gemm nodes behind DequantizeLinear, but {backend.name} "
+                         f"parsed {have} matrix-multiply layers fed by DEQUANTIZE layers: the parser dropped or "
+                         f"folded Q/DQ nodes, so those layers would not run INT8")
+    return want
 
 
 def plugin_nodes(onnx_path: Path) -> dict:
@@ -117,6 +164,7 @@ def build_engine(backend, onnx_path: Path, profiles: list[dict], targets: list[s
         raise BuildError(f"{backend.name} {backend.version} cannot parse {onnx_path.name}: {errs or logger.errors}")
     summary = network_summary(network)
     summary["plugins"] = check_plugin_layers(onnx_path, summary, backend)
+    check_qdq_layers(onnx_path, summary, backend)
 
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
