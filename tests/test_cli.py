@@ -8,7 +8,7 @@ import pytest
 
 from fastertrt.tools.cli import main
 
-COMMANDS = ("compile", "run", "inspect", "bench")
+COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -95,3 +95,23 @@ def test_inspect_decoder_folds_per_layer_cache(bundles, capsys):
     assert "past_key_values.{0..1}.{key,value}" in out and "[batch, 2, past, 8]" in out
     assert "present.{0..1}.{key,value}" in out and "weights.bin" in out
     assert "present.0.key" not in out
+
+
+def test_compile_int8_calibrate_and_bad_data(tmp_path, capsys):
+    from tiny_models import WORDS, save_tiny
+
+    folder = save_tiny("bert", tmp_path / "bert")
+    data = tmp_path / "samples.txt"
+    data.write_text("\n".join(" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 9)) for i in range(40)))
+    out = tmp_path / "bert-int8.bundle"
+    assert main(["compile", str(folder), "-o", str(out), "--int8", "--calib-data", str(data), "--backend", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "12 of 12 MatMul/Gemm layers INT8" in err and "accuracy on" in err and "sentence" not in err
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "int8     int8.onnx" in text and "held-out last_hidden_state: mean cosine" in text
+
+    assert main(["calibrate", str(out), "--data", str(tmp_path / "nope.txt")]) == 2
+    assert "CalibrationDataError" in capsys.readouterr().err and (out / "int8.onnx").exists()
+    assert main(["calibrate", str(out), "--data", str(data), "--method", "mse", "-q"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["int8"]["calibration"]["method"] == "mse"

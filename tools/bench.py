@@ -86,18 +86,26 @@ def run_bench(args) -> dict:
         warmup, repeats = args.warmup if args.warmup is not None else 1, args.repeats or 3
         cases = {f"greedy b1 prompt{args.prompt_len} +{args.new_tokens}": _prompt_inputs(bundle, manifest, args.prompt_len)}
 
-    results = []
+    results, accuracy = [], {}
     with tempfile.TemporaryDirectory(prefix="fastertrt-bench-") as tmp:
         workdir = Path(tmp)
+        rows = [(b, {"precision": "fp32"} if b == "onnxruntime" else {}) for b in backends]
+        if kind == "encoder" and manifest.get("int8") and not args.no_int8:
+            from fastertrt.tools.bench_int8 import int8_rows
+
+            extra, accuracy = int8_rows(bundle, manifest, args.int8_methods, workdir, threads)
+            rows += extra
         for case, inputs in cases.items():
             npz = workdir / f"{len(results)}.npz"
             np.savez(npz, **inputs)
-            for backend in backends:
+            for backend, extra_spec in rows:
                 print(f"  bench {case} on {backend} ({warmup} warm-up + {repeats} timed, {threads} threads) ...",
                       file=sys.stderr, flush=True)
                 spec = dict(base, backend=backend, case=case, inputs=str(npz), warmup=warmup, repeats=repeats,
-                            new_tokens=args.new_tokens)
-                results.append(_measure(spec, workdir))
+                            new_tokens=args.new_tokens, **extra_spec)
+                row = _measure(spec, workdir)
+                row.update(accuracy.get(backend, {}))
+                results.append(row)
     _annotate(results)
     report = {
         "bundle": str(bundle.resolve()), "model": info.get("family"), "source": info["source"], "kind": kind,
@@ -110,6 +118,8 @@ def run_bench(args) -> dict:
                     for e in manifest.get("engines", [])],
     }
     print(format_table(report))
+    if accuracy:
+        print(format_accuracy(accuracy))
     for e in report["engines"]:
         print(f"engine {e['graph']:<8} {e['backend']} {e['precision']}: {e['bytes'] / 1e6:.1f} MB, "
               f"built in {e['build_seconds']:.2f} s, {e['layers']} layers")
@@ -142,6 +152,15 @@ def _annotate(results: list) -> None:
                     r["same_tokens_as_torch"] = r["tokens"] == ref["tokens"]
 
 
+
+
+def format_accuracy(accuracy: dict) -> str:
+    lines = [f"{'INT8 variant':<28} {'held-out mean cos':>17} {'min cos':>9} {'model MB':>9}"]
+    for name, a in accuracy.items():
+        cos = f"{a['held_out_mean_cosine']:>17.5f} {a['held_out_min_cosine']:>9.5f}" if "held_out_mean_cosine" in a \
+            else f"{'-':>17} {'-':>9}"
+        lines.append(f"{name:<28} {cos} {a['model_bytes'] / 1e6:>9.2f}")
+    return "\n".join(lines)
 
 
 def format_table(report: dict) -> str:

@@ -41,6 +41,7 @@ examples:
   fastertrt bench minilm.bundle -o bench-minilm.json
   fastertrt bench smollm2.bundle --new-tokens 32 --repeats 3
   fastertrt bench minilm.bundle --batch 1 --seq 64 --no-torch
+  fastertrt bench minilm-int8.bundle --int8-methods all      # + ORT dynamic INT8 (the peer) and each calibrator
 """
 
 
@@ -223,6 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
     b.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    b.add_argument("--no-int8", action="store_true", help="calibrated bundles: skip the INT8 rows")
+    b.add_argument("--int8-methods", default="own",
+                   help="calibrated bundles: INT8 rows for 'own' (the bundle's calibration, default), 'all' "
+                        "(max, percentile, entropy, mse: each calibrated into a temporary copy) or a comma list")
     return p
 
 

@@ -73,6 +73,20 @@ def describe(bundle) -> tuple[str, dict]:
         for direction in ("inputs", "outputs"):
             for name, dtype, shape in _grouped(g[direction]):
                 lines.append(f"           {'in' if direction == 'inputs' else 'out':<3} {name:<40} {dtype:<8} {_dims(shape)}")
+    int8 = m.get("int8")
+    if int8:
+        c = int8["calibration"]
+        lay = c["layers"]
+        lines.append(f"int8     {', '.join(g['file'] for g in int8['graphs'].values())} (+ ONNX Runtime variant); "
+                     f"{lay['int8']} of {lay['total']} MatMul/Gemm INT8, {lay['smoothed_inputs']} inputs smoothed, "
+                     f"{len(c['embeddings_int8'])} embedding table(s) INT8")
+        pct = f" {c['percentile']}" if c.get("percentile") else ""
+        lines.append(f"           method {c['method']}{pct} on {c['data']['calibration_samples']} samples from "
+                     f"{c['data']['source']}; FP32 kept: {len(lay['fallback_fp32'])} by sensitivity, "
+                     f"{len(lay['kept_fp32'])} head/excluded")
+        for name, r in int8["report"]["outputs"].items():
+            lines.append(f"           held-out {name}: mean cosine {r['mean_cosine']:.5f}, min {r['min_cosine']:.5f}, "
+                         f"max abs {r['max_abs_error']:.3g}")
     for e in m.get("engines", []):
         lines.append(f"engine   {e['graph']}: {e['file']} ({e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:12]})")
         lines.append(f"           {e['backend']} {e['backend_version']}, {e['precision']}, targets "
