@@ -17,8 +17,9 @@ import os
 import struct
 from pathlib import Path
 
-from fastertrt import __version__
 from fastertrt.calibration.ranges import ActivationRange
+
+from fastertrt import __version__
 from fastertrt.errors import CalibrationCacheError
 
 CACHE_FORMAT = 1

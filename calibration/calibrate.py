@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from fastertrt.calibration.calibrators import METHODS
+
 from fastertrt.errors import CalibrationCacheError, CalibrationError
 from fastertrt.progress import quiet
 from fastertrt.tolerances import tolerance
@@ -51,9 +51,8 @@ def _model_digest(stage: Path, graph_file: Path) -> str:
     import hashlib
 
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
     from fastertrt.runtime.manifest import sha256_file
+    from onnx.external_data_helper import _get_all_tensors
 
     model = onnx.load(str(graph_file), load_external_data=False)
     files = sorted({e.value for t in _get_all_tensors(model) for e in t.external_data if e.key == "location"})
@@ -109,14 +108,28 @@ def calibrate_stage(stage: Path, manifest: dict, opts: CalibrationOptions, progr
     """Calibrate the bundle being written in `stage`; returns the manifest with
     its `int8` section. Writes int8.onnx, int8.ort.onnx, int8.weights.bin and
     calibration/{cache.json, cache.trt.txt, report.json}."""
-    from fastertrt.calibration.cache import (cache_key, ranges_of, read_cache, stale_reason, write_cache,
-                                             write_tensorrt_cache)
+    from fastertrt.calibration.cache import (
+        cache_key,
+        ranges_of,
+        read_cache,
+        stale_reason,
+        write_cache,
+        write_tensorrt_cache,
+    )
     from fastertrt.calibration.dataset import load_samples
-    from fastertrt.calibration.graph import Plan, excluded, find_plan, initializer_arrays
+    from fastertrt.calibration.graph import (
+        Plan,
+        excluded,
+        find_plan,
+        initializer_arrays,
+    )
     from fastertrt.calibration.qdq import write_int8_model
     from fastertrt.calibration.ranges import collect_ranges, layer_errors
     from fastertrt.calibration.report import accuracy_report, format_report
-    from fastertrt.compiler.export.shared_weights import load_with_weights, share_weights
+    from fastertrt.compiler.export.shared_weights import (
+        load_with_weights,
+        share_weights,
+    )
     from fastertrt.compiler.lower_ort import lower_for_onnxruntime
 
     progress = progress or quiet()

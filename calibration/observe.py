@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from fastertrt.calibration.dataset import batches
 
 
@@ -14,7 +13,6 @@ def session_with_outputs(model_path: Path, extra: list[str], threads: int | None
     """An ORT session of the graph that also returns the `extra` tensors."""
     import onnx
     import onnxruntime as ort
-
     from fastertrt.compiler.export.shared_weights import load_with_weights
 
     model = load_with_weights(Path(model_path))

@@ -12,7 +12,6 @@ no longer has a user is dropped, so the file shrinks to about a quarter.
 from __future__ import annotations
 
 import numpy as np
-
 from fastertrt.calibration.calibrators import weight_amax
 
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from fastertrt.calibration.calibrators import HIST_BINS, amax_from_histogram, fake_quant, weight_amax
+from fastertrt.calibration.calibrators import (
+    HIST_BINS,
+    amax_from_histogram,
+    fake_quant,
+    weight_amax,
+)
 from fastertrt.calibration.observe import run_batches, session_with_outputs, valid_rows
 
 RESERVOIR_ROWS = 512
@@ -34,7 +38,7 @@ class ActivationRange:
                 "smooth": None if self.smooth is None else [float(v) for v in self.smooth]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ActivationRange":
+    def from_json(cls, d: dict) -> ActivationRange:
         sm = d.get("smooth")
         return cls(float(d["amax"]), None if sm is None else np.asarray(sm, dtype=np.float32), float(d["raw_amax"]),
                    float(d["top"]))

@@ -6,7 +6,6 @@ its output, which accumulates the error of every layer before it)."""
 from __future__ import annotations
 
 import numpy as np
-
 from fastertrt.calibration.observe import run_batches, session_with_outputs, valid_rows
 
 

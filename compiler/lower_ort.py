@@ -39,9 +39,8 @@ def _attr(node, name, default=None):
 def lower_for_onnxruntime(model):
     """A new ModelProto and {what: count} of the rewrites made."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from fastertrt.plugins import ORT_LOWERINGS
+    from onnx import TensorProto, helper, numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)

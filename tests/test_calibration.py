@@ -11,9 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fastertrt.calibration.calibrators import amax_from_histogram, fake_quant
-from fastertrt.errors import CalibrationCacheError, CalibrationDataError, CalibrationError
+
+from fastertrt.errors import (
+    CalibrationCacheError,
+    CalibrationDataError,
+    CalibrationError,
+)
 
 WORDS = ["the", "a", "model", "engine", "fast", "tensor", "cache", "layer", "token", "text", "is", "runs", "on", "gpu"]
 
@@ -132,7 +136,6 @@ def tiny_int8(bundles, tmp_path_factory):
 
 def test_int8_graph_has_qdq_for_every_layer(tiny_int8):
     import onnx
-
     from fastertrt.compiler.build.engine import qdq_matmul_nodes
 
     bundle, _ = tiny_int8
@@ -183,6 +186,7 @@ def test_report_cache_and_runtime(tiny_int8, tmp_path):
 
 def test_cache_reuse_stale_and_foreign(tiny_int8, tmp_path, bundles, capsys):
     from fastertrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
     from fastertrt.progress import Progress
 
     bundle, data = tiny_int8
@@ -206,6 +210,7 @@ def test_cache_reuse_stale_and_foreign(tiny_int8, tmp_path, bundles, capsys):
 
 def test_exclude_fallback_and_few_samples(bundles, tmp_path, capsys):
     from fastertrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
     from fastertrt.progress import Progress
 
     bundle = _copy(bundles.tiny("bert"), tmp_path / "b.bundle")
@@ -227,10 +232,8 @@ def test_decoder_bundles_are_refused_clearly(bundles, tmp_path):
 
 
 def test_head_detection():
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from fastertrt.calibration.graph import find_plan
+    from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
     w2 = numpy_helper.from_array(np.ones((8, 5), np.float32), "w2")

@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from fastertrt.calibration.calibrators import METHODS
 
 
 def _peer_model(bundle: Path, manifest: dict, workdir: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from fastertrt.compiler.export.shared_weights import load_with_weights
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     exported = bundle / manifest["graphs"]["encoder"].get("exported", manifest["graphs"]["encoder"]["file"])
     plain = workdir / "exported.onnx"
@@ -52,6 +50,7 @@ def _bytes(paths) -> int:
 def int8_rows(bundle: Path, manifest: dict, choice: str, workdir: Path, threads: int):
     """([(row name, spec fields)], {row name: accuracy and size})."""
     from fastertrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
     from fastertrt.progress import Progress
 
     calib = manifest["int8"]["calibration"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +11,10 @@ from fastertrt.compiler.build.backends import load_backend
 from fastertrt.compiler.build.engine import build_engine, inspect_engine
 from fastertrt.compiler.build.precision import PRECISIONS, write_cast_graph
 from fastertrt.compiler.build.shapes import resolve_profiles
+from fastertrt.runtime.manifest import sha256_file
+
 from fastertrt.errors import BuildError
 from fastertrt.progress import quiet
-from fastertrt.runtime.manifest import sha256_file
 
 
 @dataclass

@@ -13,7 +13,6 @@ whose every key is -inf give zeros. Other nodes keep their ONNX function.
 from __future__ import annotations
 
 import numpy as np
-
 from fastertrt.plugins.attention.spec import AttentionAttrs
 
 
