@@ -25,7 +25,7 @@ class CalibrationOptions:
     data: Path | None = None  # .txt, .jsonl or .npz; None: the default English sample set
     text_field: str = "text"
     method: str = "max"
-    percentile: float = 99.99
+    percentile: float = 99.999
     smooth_alpha: float | None = 0.85  # None: no SmoothQuant
     exclude: list = field(default_factory=list)  # fnmatch patterns on layer (module path), node or weight names
     max_layer_error: float | None = 0.05  # sensitivity pass: widen, then fall back layers above this

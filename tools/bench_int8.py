@@ -70,7 +70,7 @@ def int8_rows(bundle: Path, manifest: dict, choice: str, workdir: Path, threads:
             print(f"  bench: calibrating a copy with method {method} ...", file=sys.stderr, flush=True)
             calibrate_bundle(target, CalibrationOptions(
                 data=Path(data) if Path(data).is_file() else None, method=method,
-                percentile=calib.get("percentile") or 99.99, smooth_alpha=calib.get("smooth_alpha")),
+                percentile=calib.get("percentile") or 99.999, smooth_alpha=calib.get("smooth_alpha")),
                 Progress(enabled=False))
         int8 = manifest["int8"]["graphs"]["encoder"]
         rows.append((name, {"bundle": str(Path(target).resolve()), "precision": "int8"}))

@@ -81,7 +81,8 @@ def _add_calibration_args(p, in_compile: bool) -> None:
     method = "--calib-method" if in_compile else "--method"
     p.add_argument(method, dest="calib_method", choices=("max", "percentile", "entropy", "mse"), default="max",
                    help="activation range calibrator (default max)")
-    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (99.9, 99.99, 99.999)")
+    p.add_argument("--percentile", type=float, default=99.999,
+                   help="for --method percentile: 99.9, 99.99 or 99.999 (default 99.999)")
     p.add_argument("--smooth-alpha", type=float, default=0.85,
                    help="SmoothQuant migration strength, 0..1 (default 0.85); --no-smooth turns it off")
     p.add_argument("--no-smooth", action="store_true", help="no SmoothQuant scaling of activations")
