@@ -46,7 +46,7 @@ class CalibrationOptions:
             raise CalibrationError(f"--calib-batch must be >= 1, got {self.batch_size}")
 
 
-def _model_digest(stage: Path, graph_file: Path) -> str:
+def _model_digest(graph_file: Path) -> str:
     """sha256 over the graph and the weight files it points to."""
     import hashlib
 
@@ -166,7 +166,7 @@ def calibrate_stage(stage: Path, manifest: dict, opts: CalibrationOptions, progr
         raise CalibrationError(f"{src.name} has no MatMul/Gemm with a constant weight left to quantize "
                                f"({len(full.layers)} found, {len(skipped)} excluded)")
 
-    key = cache_key(_model_digest(stage, src), samples.digest, opts.method, opts.percentile, opts.smooth_alpha,
+    key = cache_key(_model_digest(src), samples.digest, opts.method, opts.percentile, opts.smooth_alpha,
                     opts.exclude, opts.max_layer_error)
     cache_file = stage / CALIB_DIR / "cache.json"
     body = None
@@ -208,7 +208,7 @@ def calibrate_stage(stage: Path, manifest: dict, opts: CalibrationOptions, progr
         progress.info(f"    kept FP32 ({why}): {name}")
 
     with progress.step("write int8.onnx (Q/DQ) and its ONNX Runtime variant"):
-        int8 = write_int8_model(model, plan, inits, ranges, quantized, opts.embeddings)
+        int8 = write_int8_model(model, plan, inits, ranges, quantized)
         lowered, lowered_counts = lower_for_onnxruntime(int8)
         paths = [stage / INT8_GRAPH, stage / INT8_ORT_GRAPH]
         for m, p in zip((int8, lowered), paths):

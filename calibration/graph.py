@@ -55,7 +55,7 @@ class Plan:
     embeddings: list[Embedding]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
 
-    def activations(self, quantized_only: bool = True) -> list[str]:
+    def activations(self) -> list[str]:
         seen = []
         for layer in self.layers:
             if layer.activation not in seen:

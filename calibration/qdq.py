@@ -20,9 +20,10 @@ def _q_weight(w_kn: np.ndarray):
     return np.clip(np.round(w_kn / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
-def write_int8_model(model, plan, inits: dict, ranges: dict, quantized: set, embeddings: bool = True):
+def write_int8_model(model, plan, inits: dict, ranges: dict, quantized: set):
     """A new ModelProto: `model` with the layers in `quantized` (node names)
-    behind Q/DQ, using `ranges` (activation -> ActivationRange)."""
+    behind Q/DQ, using `ranges` (activation -> ActivationRange), and the plan's
+    embedding tables stored INT8."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -67,16 +68,13 @@ def write_int8_model(model, plan, inits: dict, ranges: dict, quantized: set, emb
                 helper.make_node("DequantizeLinear", [wq_name, ws_name], [wdq], name=f"{wdq}_node",
                                  axis=0 if layer.transposed else 1)])
             node_edits[layer.node] = {0: adq, 1: wdq}
-    if embeddings:
-        for emb in plan.embeddings:
-            table = inits[emb.table].astype(np.float32)
-            scale = (np.maximum(np.abs(table).max(axis=1), 1e-8) / 127.0).astype(np.float32)
-            tq = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
-            dq = f"{emb.table}_dq"
-            added_before.setdefault(emb.node, []).append(helper.make_node(
-                "DequantizeLinear", [init(f"{emb.table}_int8", tq), init(f"{emb.table}_row_scale", scale)], [dq],
-                name=f"{dq}_node", axis=0))
-            node_edits[emb.node] = {0: dq}
+    for emb in plan.embeddings:
+        tq, scale = _q_weight(inits[emb.table].astype(np.float32).T)  # a scale per row of the table
+        dq = f"{emb.table}_dq"
+        added_before.setdefault(emb.node, []).append(helper.make_node(
+            "DequantizeLinear", [init(f"{emb.table}_int8", np.ascontiguousarray(tq.T)),
+                                 init(f"{emb.table}_row_scale", scale)], [dq], name=f"{dq}_node", axis=0))
+        node_edits[emb.node] = {0: dq}
 
     nodes = []
     for node in graph.node:
