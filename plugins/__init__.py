@@ -6,10 +6,12 @@ onnxscript); adding a plugin is a folder plus one line here."""
 import importlib
 import sys
 
-REGISTRY: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.trt"}
+REGISTRY: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.trt",
+                            "FastertrtBeamStep": "fastertrt.plugins.beam_search.trt"}
 # plugin name -> the module with its rewrite rules (find_blocks, rule_set, explain,
 # attach_functions); compile-time only (it imports onnxscript)
-REWRITES: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.rules"}
+REWRITES: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.rules",
+                            "FastertrtBeamStep": "fastertrt.plugins.beam_search.rules"}
 # plugin name -> module with `lower(node, consts)`: the node as ONNX
 # Runtime's own operators, for the ORT variants of graphs (compile time)
 ORT_LOWERINGS: dict[str, str] = {"FastertrtAttention": "fastertrt.plugins.attention.ort"}
@@ -27,10 +29,9 @@ def register_all(trt_module) -> list[str]:
 def set_build_targets(ccs) -> None:
     """GPU compute capabilities (ints) that plugin kernels are compiled for in the
     next engine builds."""
-    for module in REGISTRY.values():
-        mod = importlib.import_module(module)
-        if hasattr(mod, "set_build_targets"):
-            mod.set_build_targets(ccs)
+    from fastertrt.plugins import trt_common
+
+    trt_common.set_build_targets(ccs)
 
 
 # Importing fastertrt.plugins registers the creators with any TensorRT already

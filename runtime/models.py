@@ -3,12 +3,12 @@ running the bundle's graphs on a backend."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fastertrt.errors import InputError
+from fastertrt.errors import BundleSchemaError, InputError
+from fastertrt.runtime.generation import Generation, SearchOptions, beam_search, greedy, trim_new_tokens
 from fastertrt.runtime.inputs import as_id_rows, as_texts, pad_rows
 from fastertrt.runtime.tokenizer import TextTokenizer, no_tokenizer_error
 
@@ -54,20 +54,10 @@ class Encoder(_Model):
         return out
 
 
-@dataclass
-class Generation:
-    """sequences: [batch, padded prompt + new] as transformers' generate returns
-    them (left padding, pad after eos); new_tokens: each row's new ids up to and
-    including its eos; texts: decoded new tokens when the bundle has a tokenizer."""
-
-    sequences: np.ndarray
-    new_tokens: list = field(default_factory=list)
-    texts: list | None = None
-
-
 class Decoder(_Model):
-    """Greedy generation over the prefill and decode-step graphs; the KV cache
-    from each step is fed to the next."""
+    """Greedy and beam-search generation over the prefill and decode-step graphs
+    (which end in the beam-search step), with transformers' meaning for every
+    option; the KV cache stays with the backend between steps."""
 
     def __init__(self, bundle, manifest, graphs):
         super().__init__(bundle, manifest, graphs)
@@ -75,55 +65,49 @@ class Decoder(_Model):
         self.num_layers = int(info["num_layers"])
         self.eos_token_id = list(info.get("eos_token_id") or [])
         self.pad_token_id = info.get("pad_token_id")
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        outputs = {t["name"] for t in manifest["graphs"]["decode"]["outputs"]}
+        if "candidate_scores" not in outputs:
+            raise BundleSchemaError(
+                f"bundle {self.bundle} was compiled by fastertrt {manifest.get('fastertrt_version', '?')} without "
+                f"the beam-search step in its graphs; recompile it: fastertrt compile MODEL -o {self.bundle} --force")
+        self.candidates = int(info.get("beam_candidates", 2))
 
-    def generate(self, inputs, max_new_tokens: int = 32, min_new_tokens: int = 0, eos_token_id=None,
-                 pad_token_id=None, on_token=None) -> Generation:
-        """Greedy decoding of a batch of prompts (texts or id rows of any lengths).
+    def generate(self, inputs, max_new_tokens: int = 32, min_new_tokens: int = 0, num_beams: int = 1,
+                 num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                 eos_token_id=None, pad_token_id=None, on_token=None) -> Generation:
+        """Generate from a batch of prompts (texts, or id rows of any lengths: left-padded
+        here), as transformers' generate(do_sample=False, ...) does.
 
-        on_token(step, tokens) is called with each step's new token per row (streaming)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        num_beams=1 is greedy search; on_token(step, tokens) then streams each step's
+        new token per row. eos_token_id: an id or a list (default: the model's);
+        early_stopping: True, False or "never"; returns num_return_sequences rows per
+        prompt, best first, with their sequence scores."""
         rows = self._rows(inputs)
         longest = max(len(r) for r in rows)
-        if longest + max_new_tokens > self.max_length:
+        if isinstance(max_new_tokens, int) and longest + max_new_tokens > self.max_length:
             raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{self.max_length} positions; shorten the prompt or lower max_new_tokens")
-        eos = self.eos_token_id if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        pad = pad_token_id if pad_token_id is not None else (self.pad_token_id if self.pad_token_id is not None else (eos[0] if eos else 0))
-        ids, mask = pad_rows(rows, pad, left=True)
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        out = self.graphs["prefill"].run({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
-        batch = len(rows)
-        done = np.zeros(batch, dtype=bool)
-        new = np.zeros((batch, 0), dtype=np.int64)
-        eos_arr = np.asarray(eos, dtype=np.int64)
-        for step in range(max_new_tokens):
-            logits = out["logits"][:, -1, :]
-            if step < min_new_tokens and eos_arr.size:
-                logits = logits.copy()
-                logits[:, eos_arr] = -np.inf
-            token = np.argmax(logits, axis=-1).astype(np.int64)
-            token = np.where(done, pad, token)
-            new = np.concatenate([new, token[:, None]], axis=1)
-            if on_token is not None:
-                on_token(step, token)
-            if eos_arr.size:
-                done |= np.isin(token, eos_arr)
-            if done.all() or step == max_new_tokens - 1:
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-            feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": pos}
-            feeds.update({p: out[q] for p, q in zip(self._past_names, self._present_names)})
-            out = self.graphs["decode"].run(feeds)
-        new_tokens = []
-        for r in new:
-            stop = next((i + 1 for i, t in enumerate(r) if t in eos), len(r)) if eos else len(r)
-            new_tokens.append([int(t) for t in r[:stop]])
-        texts = [self.tokenizer.decode(t) for t in new_tokens] if self.tokenizer else None
-        return Generation(np.concatenate([ids, new], axis=1), new_tokens, texts)
+        eos = self.eos_token_id if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+        if any(not 0 <= int(e) < self.vocab_size for e in eos):
+            raise InputError(f"eos_token_id {eos} lies outside the vocabulary [0, {self.vocab_size})")
+        pad = pad_token_id if pad_token_id is not None else (
+            self.pad_token_id if self.pad_token_id is not None else (eos[0] if eos else 0))
+        opts = SearchOptions(max_new_tokens, min_new_tokens, num_beams, num_return_sequences,
+                             float(length_penalty), early_stopping, tuple(int(e) for e in eos), int(pad))
+        opts.check(self.candidates)
+        if on_token is not None and num_beams > 1:
+            raise InputError("on_token streams greedy search only: beam search knows its final tokens at the end")
+        ids, mask = pad_rows(rows, opts.pad, left=True)
+        steps = type(self.graphs["decode"]).step_session(self.graphs["prefill"], self.graphs["decode"],
+                                                          self.candidates)
+        if num_beams == 1:
+            out = greedy(steps, ids, mask, opts, self.vocab_size, on_token)
+        else:
+            out = beam_search(steps, ids, mask, opts, self.vocab_size)
+        out.new_tokens = trim_new_tokens(out.sequences, ids.shape[1], opts.eos)
+        out.texts = [self.tokenizer.decode(t) for t in out.new_tokens] if self.tokenizer else None
+        return out
 
 
 class ModuleRunner(_Model):

@@ -44,6 +44,12 @@ class OrtGraph:
                 if isinstance(want, int) and got != want:
                     raise InputError(f"input {t['name']!r} has size {got} on axis {i}; the graph fixes it to {want}")
 
+    @staticmethod
+    def step_session(prefill, decode, candidates: int):
+        from fastertrt.runtime.steps import OrtSteps
+
+        return OrtSteps(prefill, decode, candidates)
+
     def run(self, feeds: dict) -> dict:
         self.check(feeds)
         outs = self.session.run(self.output_names, feeds)

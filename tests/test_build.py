@@ -29,7 +29,7 @@ def _copy(src, tmp_path, name="b.bundle"):
     return dst
 
 
-def _check_engine_entry(bundle, entry, attention_layers: int = 2):
+def _check_engine_entry(bundle, entry, attention_layers: int = 2, beam_steps: int = 0):
     path = bundle / entry["file"]
     assert path.stat().st_size == entry["bytes"] > 100_000
     assert sha256_file(path) == entry["sha256"]  # the file on disk is the whole engine that was built
@@ -37,8 +37,10 @@ def _check_engine_entry(bundle, entry, attention_layers: int = 2):
     assert entry["compute_capabilities"] == ["sm80", "sm86", "sm89"]
     assert entry["layers"] > 10 and entry["layer_types"]["MATRIX_MULTIPLY"] >= 4
     # attention is fastertrt's plugin, one layer per block, and nothing was inlined
-    assert entry["plugins"] == [{"name": "FastertrtAttention", "version": "1", "count": attention_layers}]
-    assert len(entry["plugin_layers"]) == attention_layers and "SOFTMAX" not in entry["layer_types"]
+    want = [{"name": "FastertrtAttention", "version": "1", "count": attention_layers}]
+    want += [{"name": "FastertrtBeamStep", "version": "1", "count": beam_steps}] if beam_steps else []
+    assert entry["plugins"] == want
+    assert len(entry["plugin_layers"]) == attention_layers + beam_steps and "SOFTMAX" not in entry["layer_types"]
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +88,19 @@ def test_minilm_fp16_engine(bundles, tmp_path):
 
 def test_tiny_gpt2_prefill_and_decode_step_engines(bundles, tmp_path):
     bundle = _copy(bundles.tiny("gpt2"), tmp_path)
-    build_bundle(bundle, BuildOptions(shapes="batch=1:2:4,seq=1:8:16,past=1:16:32"))
+    build_bundle(bundle, BuildOptions(shapes="batch=1:2:4,beams=1:2:2,seq=1:8:16,past=1:16:32"))
     engines = {e["graph"]: e for e in _manifest(bundle)["engines"]}
     assert set(engines) == {"prefill", "decode"}
     for e in engines.values():
-        _check_engine_entry(bundle, e)
+        _check_engine_entry(bundle, e, beam_steps=1)
     step = engines["decode"]["profiles"][0]
-    assert step["dims"] == {"batch": [1, 2, 4], "seq": [1, 1, 1], "total": [2, 17, 33], "past": [1, 16, 32]}
-    assert step["inputs"]["past_key_values.1.value"]["max"] == [4, 4, 32, 8]
+    assert step["dims"] == {"rows": [1, 4, 8], "seq": [1, 1, 1], "total": [2, 17, 33], "batch": [1, 2, 4],
+                            "beams": [1, 2, 2], "past": [1, 16, 32]}
+    assert step["inputs"]["past_key_values.1.value"]["max"] == [8, 4, 32, 8]
     names = [t["name"] for t in engines["decode"]["inputs"]]
-    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and len(names) == 3 + 2 * 2
+    assert names[:6] == ["input_ids", "attention_mask", "position_ids", "beam_scores", "token_bias", "beam_idx"]
+    assert len(names) == 6 + 2 * 2
+
 
 
 def test_compile_with_build_and_cli_build_inspect(tmp_path, capsys):

@@ -92,7 +92,7 @@ def test_bench_writes_json_with_torch_and_runtime_rows(bundles, tmp_path, family
 def test_inspect_decoder_folds_per_layer_cache(bundles, capsys):
     assert main(["inspect", str(bundles.tiny("llama"))]) == 0
     out = capsys.readouterr().out
-    assert "past_key_values.{0..1}.{key,value}" in out and "[batch, 2, past, 8]" in out
+    assert "past_key_values.{0..1}.{key,value}" in out and "[rows, 2, past, 8]" in out
     assert "present.{0..1}.{key,value}" in out and "weights.bin" in out
     assert "present.0.key" not in out
 

@@ -68,8 +68,9 @@ def test_decoder_export_and_greedy_matches_generate(bundles, family, impl):
     assert m["export"]["parity"]["max_abs_diff"] <= ATOL
     step = {t["name"]: t["shape"] for t in m["graphs"]["decode"]["inputs"]}
     kv_heads = 2 if family == "llama" else 4
-    assert step["past_key_values.0.key"] == ["batch", kv_heads, "past", 8]
-    assert step["attention_mask"] == ["batch", "total"]
+    assert step["past_key_values.0.key"] == ["rows", kv_heads, "past", 8]
+    assert step["attention_mask"] == ["rows", "total"]
+    assert step["beam_scores"] == ["batch", "beams"] and step["beam_idx"] == ["rows"]
     assert m["model"]["num_kv_heads"] == kv_heads
 
     dec = load(bundle)

@@ -3,7 +3,8 @@
 Spec: `batch=1:8:32,seq=16:128:512` (min:opt:max, or one number for a fixed
 dim); several profiles separated by `;`. A dim may be scoped to one graph
 (`decode.seq=1:1:4`). The decode graph's mask length `total` is `past + seq`
-unless given.
+unless given. Decoder graphs run one row per beam: `rows` is `batch * beams`
+(min, opt and max each) unless given.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 
 from fastertrt.errors import ShapeSpecError
 
-KNOWN_DIMS = ("batch", "seq", "past", "total")
+KNOWN_DIMS = ("batch", "beams", "rows", "seq", "past", "total")
 _ITEM = re.compile(r"^(?:(?P<graph>[a-z_]+)\.)?(?P<dim>[a-z_]+)=(?P<range>\d+(?::\d+:\d+)?)$")
 
 
@@ -20,9 +21,9 @@ def default_dims(graph: str, max_length: int) -> dict:
     seq_max = max(1, min(max_length, 512 if graph == "encoder" else 2048))
     if graph == "decode":
         past_max = max(1, min(max_length, 2048) - 1)
-        return {"batch": (1, 1, 8), "seq": (1, 1, 1), "past": (1, min(128, past_max), past_max)}
+        return {"batch": (1, 1, 8), "beams": (1, 1, 8), "seq": (1, 1, 1), "past": (1, min(128, past_max), past_max)}
     if graph == "prefill":
-        return {"batch": (1, 1, 8), "seq": (1, min(128, seq_max), seq_max)}
+        return {"batch": (1, 1, 8), "beams": (1, 1, 8), "seq": (1, min(128, seq_max), seq_max)}
     return {"batch": (1, 8, 32), "seq": (1, min(128, seq_max), seq_max)}
 
 
@@ -73,6 +74,9 @@ def resolve_profiles(graph: str, inputs: list[dict], spec: str | None, max_lengt
         if graph == "decode" and "past" not in given:
             hi = max(1, min(max_length, 2048) - dims["seq"][2])
             dims["past"] = (1, min(dims["past"][1], hi), hi)
+        if "rows" in needed and "rows" not in given:
+            b, k = dims["batch"], dims["beams"]
+            dims["rows"] = (b[0] * k[0], b[1] * k[1], b[2] * k[2])
         if "total" in needed and "total" not in given:
             p, s = dims["past"], dims["seq"]
             dims["total"] = (p[0] + s[0], p[1] + s[1], p[2] + s[2])
@@ -80,8 +84,8 @@ def resolve_profiles(graph: str, inputs: list[dict], spec: str | None, max_lengt
             if d not in dims:
                 raise ShapeSpecError(f"graph {graph} has a dynamic dim {d!r} that --shapes does not give")
             lo = dims[d][0]
-            if d == "batch" and lo < 1:
-                raise ShapeSpecError("batch must be at least 1")
+            if d in ("batch", "beams", "rows") and lo < 1:
+                raise ShapeSpecError(f"{d} must be at least 1")
             if d in ("seq", "total") and dims[d][2] > max_length:
                 raise ShapeSpecError(f"{d} max {dims[d][2]} exceeds the model's {max_length} positions")
         shapes = {}

@@ -13,7 +13,7 @@ from fastertrt.compiler.export.onnx_file import ATTN_HINT, export_graph
 from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session
 from fastertrt.compiler.export.shared_weights import share_weights
 from fastertrt.compiler.export.result import ExportedGraph, ExportResult
-from fastertrt.compiler.export.wrappers import DecoderGraph, position_ids_from_mask
+from fastertrt.compiler.export.wrappers import BEAM_CANDIDATES, STEP_OUTPUTS, DecoderGraph, position_ids_from_mask
 from fastertrt.progress import quiet
 
 
@@ -33,6 +33,20 @@ def _num_layers(config) -> int:
     return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
 
+def beam_inputs(batch: int, beams: int, vocab: int, seed: int = 0):
+    """Running beam scores [B, K] (as transformers starts them: 0 for beam 0,
+    -1e9 for the others, here with some noise so no two candidates tie) and a
+    token bias [V] with one banned token."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    scores = -torch.rand(batch, beams, generator=g) * 3
+    scores[:, 1:] -= 1e9 if seed == 0 else 0
+    bias = torch.zeros(vocab)
+    bias[vocab - 1] = -float("inf")
+    return scores, bias
+
+
 def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementation: str = "", progress=None) -> ExportResult:
     import torch
 
@@ -41,24 +55,31 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
     vocab = int(model.config.vocab_size)
     prefill, step = DecoderGraph(model, layers, False).eval(), DecoderGraph(model, layers, True).eval()
 
-    # seq >= 2 in every example: at seq 1 the exporter specialises the graph to 1.
-    ids, mask = example_prompt(vocab, 2, 8)
+    # seq >= 2 and beams >= 2 in every example: the exporter specialises dims of size 1.
+    batch, beams = 2, 3
+    ids, mask = example_prompt(vocab, batch, 8)
+    ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
     pos = position_ids_from_mask(mask)
+    scores, bias = beam_inputs(batch, beams, vocab)
     with torch.no_grad():
-        presents = prefill(ids, mask, pos)[1:]
+        presents = prefill(ids, mask, pos, scores, bias)[len(STEP_OUTPUTS):]
     kv_heads, head_dim = int(presents[0].shape[1]), int(presents[0].shape[3])
 
-    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    n, b, k, s, p, t = (torch.export.Dim(x) for x in ("rows", "batch", "beams", "seq", "past", "total"))
+    rows_seq = {0: n, 1: s}
+    tail_dyn = ({0: b, 1: k}, None)
     out_dir = Path(out_dir)
-    with progress.step(f"export prefill graph ({layers} layers, torch.onnx dynamo)"):
-        export_graph(prefill, (ids, mask, pos), out_dir / "prefill.onnx", prefill.input_names(),
-                     prefill.output_names(), ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}), hint=ATTN_HINT)
+    with progress.step(f"export prefill graph ({layers} layers, beam-search tail, torch.onnx dynamo)"):
+        export_graph(prefill, (ids, mask, pos, scores, bias), out_dir / "prefill.onnx", prefill.input_names(),
+                     prefill.output_names(), (rows_seq, {0: n, 1: s}, rows_seq, *tail_dyn), hint=ATTN_HINT)
 
     new_ids, step_mask, step_pos = _next_inputs(ids, mask, pos, 2, vocab)
-    step_args = (new_ids, step_mask, step_pos, *presents)
+    beam_idx = _parents(batch, beams)
+    scores, bias = beam_inputs(batch, beams, vocab, seed=1)
+    step_args = (new_ids, step_mask, step_pos, scores, bias, beam_idx, *presents)
     # *past is one varargs entry for torch.export, so its shapes nest in one tuple
-    step_dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in presents))
-    with progress.step("export decode-step graph (KV cache in/out)"):
+    step_dyn = (rows_seq, {0: n, 1: t}, rows_seq, *tail_dyn, {0: n}, tuple({0: n, 2: p} for _ in presents))
+    with progress.step("export decode-step graph (KV cache in/out, reordered by parent beam)"):
         export_graph(step, step_args, out_dir / "decode.onnx", step.input_names(),
                      step.output_names(), step_dyn, hint=ATTN_HINT)
 
@@ -69,8 +90,18 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
     if parity:
         with progress.step("parity check: ONNX Runtime vs torch, prefill + 2 decode steps"):
             report = check_decoder(prefill, step, out_dir, vocab)
-    info = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab}
+    info = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab,
+            "beam_candidates": BEAM_CANDIDATES}
     return ExportResult("decoder", graphs, report, info, attn_implementation)
+
+
+def _parents(batch: int, beams: int):
+    """A beam reorder like one beam search makes: beams of a row continue from
+    beams of the same row, some twice, some not at all."""
+    import torch
+
+    within = torch.tensor([(j * 2) % beams for j in range(beams)])
+    return (torch.arange(batch)[:, None] * beams + within[None, :]).reshape(-1)
 
 
 def _next_inputs(ids, mask, pos, n: int, vocab: int):
@@ -84,36 +115,61 @@ def _next_inputs(ids, mask, pos, n: int, vocab: int):
 
 
 def check_decoder(prefill, step, out_dir: Path, vocab: int) -> ParityReport:
-    """Prefill (batch 3, ragged left padding), then decode steps of 1 and 2 new
-    tokens fed with torch's own cache, so each graph is checked on its own."""
+    """Prefill (3 prompts x 2 beams, ragged left padding), then decode steps of 1
+    and 2 new tokens with a beam reorder, fed with torch's own cache, so each graph
+    is checked on its own."""
     import torch
 
     report = ParityReport()
     sess_prefill, sess_step = ort_session(out_dir / "prefill.onnx"), ort_session(out_dir / "decode.onnx")
-    ids, mask = example_prompt(vocab, 3, 7, seed=1)
+    batch, beams = 3, 2
+    ids, mask = example_prompt(vocab, batch, 7, seed=1)
+    ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
     pos = position_ids_from_mask(mask)
+    scores, bias = beam_inputs(batch, beams, vocab)
+    args = (ids, mask, pos, scores, bias)
     with torch.no_grad():
-        ref = prefill(ids, mask, pos)
-    got = sess_prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})
-    _compare(report, "prefill", prefill.output_names(), got, ref, mask.numpy() > 0)
+        ref = prefill(*args)
+    got = sess_prefill.run(None, dict(zip(prefill.input_names(), (a.numpy() for a in args))))
+    compare_step(report, "prefill", prefill.output_names(), got, [r.numpy() for r in ref], mask.numpy() > 0)
 
-    past, cur_mask, cur_pos = ref[1:], mask, pos
+    past, cur_mask, cur_pos = ref[len(STEP_OUTPUTS):], mask, pos
+    parents = _parents(batch, beams)
     for n in (1, 2):
         new_ids, cur_mask, new_pos = _next_inputs(ids, cur_mask, cur_pos, n, vocab)
+        scores, bias = beam_inputs(batch, beams, vocab, seed=n)
+        cur_mask = cur_mask[parents]
+        args = (new_ids, cur_mask, new_pos, scores, bias, parents, *past)
         with torch.no_grad():
-            ref = step(new_ids, cur_mask, new_pos, *past)
-        feeds = {"input_ids": new_ids.numpy(), "attention_mask": cur_mask.numpy(), "position_ids": new_pos.numpy()}
-        feeds.update({name: t.numpy() for name, t in zip(step.input_names()[3:], past)})
-        got = sess_step.run(None, feeds)
-        _compare(report, f"decode_seq{n}", step.output_names(), got, ref, cur_mask.numpy() > 0)
-        past, cur_pos = ref[1:], new_pos
+            ref = step(*args)
+        got = sess_step.run(None, dict(zip(step.input_names(), (a.numpy() for a in args))))
+        compare_step(report, f"decode_seq{n}", step.output_names(), got, [r.numpy() for r in ref],
+                     cur_mask.numpy() > 0)
+        past, cur_pos = ref[len(STEP_OUTPUTS):], new_pos
     return report
 
 
-def _compare(report, run, names, got, ref, valid_total: np.ndarray) -> None:
-    """Logits cover the last `seq` positions of the mask; presents cover all of it."""
-    for name, g, r in zip(names, got, ref):
+def compare_step(report, run, names, got, ref, valid_total: np.ndarray) -> None:
+    """Logits cover the last position; presents cover the whole mask. Candidate
+    ids are compared where their score stands clear of its neighbours (a near
+    tie may order differently in two runtimes without either being wrong)."""
+    out = dict(zip(names, got))
+    ref = dict(zip(names, ref))
+    clear = _clear_of_ties(ref["candidate_scores"])
+    for name in names:
+        g, r = out[name], ref[name]
         if name == "logits":
-            report.add(run, name, masked_max_abs(g, r.numpy(), valid_total[:, -g.shape[1]:], seq_axis=1))
+            report.add(run, name, masked_max_abs(g, r, valid_total[:, -1:], seq_axis=1))
+        elif name == "candidate_scores":
+            report.add(run, name, masked_max_abs(g, r, None, seq_axis=1))
+        elif name.startswith("candidate_"):
+            report.add(run, name, masked_max_abs(g[clear].astype(np.float64), r[clear].astype(np.float64), None, 0))
         else:
-            report.add(run, name, masked_max_abs(g, r.numpy(), valid_total, seq_axis=2))
+            report.add(run, name, masked_max_abs(g, r, valid_total, seq_axis=2))
+
+
+def _clear_of_ties(scores: np.ndarray, gap: float = 1e-4) -> np.ndarray:
+    diff = np.abs(np.diff(scores, axis=-1))
+    before = np.concatenate([np.full(scores.shape[:-1] + (1,), np.inf), diff], axis=-1)
+    after = np.concatenate([diff, np.full(scores.shape[:-1] + (1,), np.inf)], axis=-1)
+    return (before > gap) & (after > gap)

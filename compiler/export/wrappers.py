@@ -47,31 +47,60 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
+# Candidates the beam tail keeps per beam. transformers keeps max(2, 1 + number
+# of eos tokens) per beam; 4 serves up to 3 eos tokens, and the generation loop
+# reads the prefix it needs (top-k output is sorted).
+BEAM_CANDIDATES = 4
+STEP_INPUTS = ["input_ids", "attention_mask", "position_ids", "beam_scores", "token_bias"]
+STEP_OUTPUTS = ["logits", "candidate_scores", "candidate_tokens", "candidate_beams"]
+
+
+def beam_tail(logits: torch.Tensor, beam_scores: torch.Tensor, token_bias: torch.Tensor, candidates: int):
+    """The beam-search step as transformers computes it: log_softmax of the last
+    position's logits (FP32), the logits processors' bias, plus each beam's running
+    score, then top-k over beams x vocabulary of each batch row.
+
+    logits [B*K, V]; beam_scores [B, K]; token_bias [V] -> scores [B, c*K] and the
+    token and parent beam (0..K-1) of each."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1) + token_bias
+    acc = log_probs + beam_scores.reshape(-1, 1)
+    batch, beams = beam_scores.shape
+    vocab = logits.shape[-1]
+    scores, flat = torch.topk(acc.reshape(batch, beams * vocab), candidates * beams, dim=-1)
+    return scores, flat % vocab, torch.div(flat, vocab, rounding_mode="floor")
+
+
 class DecoderGraph(torch.nn.Module):
-    """One decoder forward with an explicit KV cache.
+    """One decoder forward with an explicit KV cache, ending in the beam step.
 
-    with_past=False is the prefill graph (no cache in); with_past=True is the
-    decode-step graph (cache of `past` positions in, `past + seq` out).
-    """
+    Rows are beams: row b*K + j is beam j of prompt b. with_past=False is the
+    prefill graph (no cache in); with_past=True is the decode-step graph: the
+    cache of `past` positions comes in with `beam_idx`, the row each beam
+    continues (the KV cache is reordered by parent beam in the graph), and
+    `past + seq` positions go out. Greedy search is the same graph with K = 1.
+    Only the last position's logits are computed."""
 
-    def __init__(self, model, num_layers: int, with_past: bool):
+    def __init__(self, model, num_layers: int, with_past: bool, candidates: int = BEAM_CANDIDATES):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.with_past = with_past
+        self.candidates = candidates
 
     def input_names(self) -> list[str]:
-        base = ["input_ids", "attention_mask", "position_ids"]
-        return base + (kv_names(self.num_layers, "past_key_values") if self.with_past else [])
+        if not self.with_past:
+            return list(STEP_INPUTS)
+        return STEP_INPUTS + ["beam_idx"] + kv_names(self.num_layers, "past_key_values")
 
     def output_names(self) -> list[str]:
-        return ["logits"] + kv_names(self.num_layers, "present")
+        return STEP_OUTPUTS + kv_names(self.num_layers, "present")
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, beam_scores, token_bias, beam_idx=None, *past):
         from transformers import DynamicCache
 
         if self.with_past:
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+            pairs = [(past[2 * i].index_select(0, beam_idx), past[2 * i + 1].index_select(0, beam_idx))
+                     for i in range(self.num_layers)]
             cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
         else:
             cache = DynamicCache(config=self.model.config)
@@ -81,8 +110,11 @@ class DecoderGraph(torch.nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
-        return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
+        scores, tokens, beams = beam_tail(out.logits[:, -1, :], beam_scores, token_bias, self.candidates)
+        presents = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+        return (out.logits, scores, tokens, beams, *presents)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

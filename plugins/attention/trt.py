@@ -12,8 +12,6 @@ present outputs, then attention reads the whole cache from there.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from fastertrt.plugins.attention import spec
@@ -29,6 +27,7 @@ from fastertrt.plugins.attention.launch import (
     split_workspace_bytes,
 )
 from fastertrt.plugins.attention.spec import ITEMSIZE, AttentionAttrs, AttentionSpecError
+from fastertrt.plugins import trt_common
 from fastertrt.plugins.cuda_launch import _driver as cuda_driver
 from fastertrt.plugins.cuda_launch import driver_call
 
@@ -37,23 +36,12 @@ KERNELS_FIELD = "kernels"
 SPLIT_FIELDS = ("kernels_split", "kernels_combine")
 BLOB_FIELDS = (KERNELS_FIELD, *SPLIT_FIELDS)
 INT_FIELDS = ("num_heads", "kv_num_heads", "head_size", "causal", "has_mask", "has_past", "qkv_packed")
-_BUILD_TARGETS: list[int] = []
-_REGISTERED: dict[str, object] = {}
-_LOCK = threading.Lock()
-
-
-def set_build_targets(ccs) -> None:
-    """Compute capabilities (ints, e.g. [80, 86, 89]) to compile kernels for in
-    the next engine builds; the build stage sets them from its targets."""
-    _BUILD_TARGETS[:] = sorted({int(c) for c in ccs})
 
 
 def build_targets() -> list[int]:
-    if _BUILD_TARGETS:
-        return list(_BUILD_TARGETS)
     from fastertrt.plugins.attention.kernels import DEFAULT_TARGETS
 
-    return list(DEFAULT_TARGETS)
+    return trt_common.build_targets(DEFAULT_TARGETS)
 
 
 def _dtype_names(trt) -> dict:
@@ -313,11 +301,4 @@ def _copy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, hei
 
 def register(trt_module) -> None:
     """Register the creator with `trt_module`'s plugin registry (once per module)."""
-    with _LOCK:
-        key = trt_module.__name__
-        if key in _REGISTERED:
-            return
-        _, creator_cls = _make_classes(trt_module)
-        creator = creator_cls()
-        trt_module.get_plugin_registry().register_creator(creator, spec.NAMESPACE)
-        _REGISTERED[key] = creator  # the registry holds a pointer: keep the Python object alive
+    trt_common.register(trt_module, spec.NAME, spec.NAMESPACE, _make_classes)
