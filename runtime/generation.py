@@ -30,6 +30,8 @@ class StepSession(Protocol):
 
     candidates: int  # candidates per beam that the graph returns
 
+    def reserve(self, rows: int, total: int) -> None: ...
+
     def prefill(self, ids, mask, pos, beam_scores, bias) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def decode(self, ids, mask, pos, beam_scores, bias, beam_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -113,6 +115,7 @@ def greedy(steps: StepSession, ids: np.ndarray, mask: np.ndarray, opts: SearchOp
     rows = np.arange(batch, dtype=np.int64)
     eos = np.asarray(opts.eos, dtype=np.int64)
     pos = positions(mask)
+    steps.reserve(batch, ids.shape[1] + opts.max_new_tokens)
     scores, tokens, _ = steps.prefill(ids, mask, pos, zeros, bias(0))
     done = np.zeros(batch, dtype=bool)
     total = np.zeros(batch, dtype=np.float32)
@@ -173,6 +176,7 @@ def beam_search(steps: StepSession, ids: np.ndarray, mask: np.ndarray, opts: Sea
 
     flat_mask = np.repeat(mask, k, axis=0)
     pos = positions(flat_mask)
+    steps.reserve(batch * k, max_length)
     cand = steps.prefill(np.repeat(ids, k, axis=0), flat_mask, pos, running_scores, bias(0))
     cur_len = prompt_len
     while True:

@@ -71,6 +71,7 @@ class Decoder(_Model):
                 f"bundle {self.bundle} was compiled by fastertrt {manifest.get('fastertrt_version', '?')} without "
                 f"the beam-search step in its graphs; recompile it: fastertrt compile MODEL -o {self.bundle} --force")
         self.candidates = int(info.get("beam_candidates", 2))
+        self._steps = None  # the backend's step session, made on first use and kept (device buffers)
 
     def generate(self, inputs, max_new_tokens: int = 32, min_new_tokens: int = 0, num_beams: int = 1,
                  num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping=False,
@@ -99,8 +100,10 @@ class Decoder(_Model):
         if on_token is not None and num_beams > 1:
             raise InputError("on_token streams greedy search only: beam search knows its final tokens at the end")
         ids, mask = pad_rows(rows, opts.pad, left=True)
-        steps = type(self.graphs["decode"]).step_session(self.graphs["prefill"], self.graphs["decode"],
-                                                          self.candidates)
+        if self._steps is None:
+            self._steps = type(self.graphs["decode"]).step_session(self.graphs["prefill"], self.graphs["decode"],
+                                                                    self.candidates)
+        steps = self._steps
         if num_beams == 1:
             out = greedy(steps, ids, mask, opts, self.vocab_size, on_token)
         else:

@@ -19,6 +19,9 @@ class OrtSteps:
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.past = None
 
+    def reserve(self, rows: int, total: int) -> None:
+        """ONNX Runtime allocates per run; nothing to reserve."""
+
     def _run(self, graph: str, feeds: dict):
         out = self.graphs[graph].run(feeds)
         self.past = [out[n] for n in self.present_names]

@@ -121,6 +121,26 @@ class TrtGraph:
         if not self.context.execute_async_v3(int(self.stream)):
             raise RuntimeError(f"execute_async_v3 failed for {self.entry['file']}")
 
+    @staticmethod
+    def step_session(prefill, decode, candidates: int):
+        from fastertrt.runtime.tensorrt_steps import TrtSteps
+
+        return TrtSteps(prefill, decode, candidates)
+
+    def enqueue_bound(self, shapes: dict, addresses: dict, stream) -> None:
+        """Enqueue on device buffers the caller owns: input shapes, and an address
+        for every I/O tensor (the step session's KV ping-pong buffers)."""
+        profile = find_profile(self.entry, shapes)
+        if profile != self.profile:
+            self.context.set_optimization_profile_async(profile, int(stream))
+            self.profile = profile
+        for n in self.input_names:
+            self.context.set_input_shape(n, tuple(shapes[n]))
+        for n, ptr in addresses.items():
+            self.context.set_tensor_address(n, int(ptr))
+        if not self.context.execute_async_v3(int(stream)):
+            raise RuntimeError(f"execute_async_v3 failed for {self.entry['file']}")
+
     def run(self, feeds: dict) -> dict:
         rt, s = self.rt, self.stream
         feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names}

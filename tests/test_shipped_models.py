@@ -78,3 +78,41 @@ def test_smollm2_greedy_matches_transformers_generate(bundles, impl):
         ref = model.generate(**batch, max_new_tokens=8, do_sample=False)
     np.testing.assert_array_equal(gen.sequences, ref.numpy())
     assert gen.texts[0] == tok.decode(ref[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+SMOL_BEAM_CASES = [
+    dict(num_beams=2),
+    dict(num_beams=4, early_stopping=True),
+    dict(num_beams=4, length_penalty=0.7, num_return_sequences=2),
+    dict(num_beams=4, early_stopping=False, length_penalty=0.0, eos="hot"),
+]
+
+
+def test_smollm2_beam_search_matches_transformers_generate(bundles):
+    """Beam search over the 30-layer GQA model, prompts of different lengths, token
+    for token and sequence scores within 1e-4; one case ends hypotheses early on eos."""
+    import torch
+
+    from fastertrt.compiler.models import resolve
+
+    dec = load(bundles.shipped("smollm2", "sdpa"))
+    src = resolve("smollm2")
+    tok = src.load_tokenizer()
+    tok.padding_side = "left"
+    model = src.load_torch("sdpa")
+    prompts = ["The capital of France is", "Write a haiku about the sea:\n"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    greedy = dec.generate(prompts, max_new_tokens=4).sequences
+    hot = [int(greedy[0, -2])]  # a token greedy search emits early: as eos it ends hypotheses
+    for case in SMOL_BEAM_CASES:
+        kw = {k: v for k, v in case.items() if k != "eos"}
+        if case.get("eos") == "hot":
+            kw["eos_token_id"] = hot
+        got = dec.generate(prompts, max_new_tokens=8, **kw)
+        with torch.no_grad():
+            ref = model.generate(**batch, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                                 output_scores=True, pad_token_id=dec.pad_token_id, **kw)
+        np.testing.assert_array_equal(got.sequences, ref.sequences.numpy(), err_msg=str(case))
+        np.testing.assert_allclose(got.scores, ref.sequences_scores.numpy(), atol=1e-4, rtol=0, err_msg=str(case))
+        if case.get("eos") == "hot":
+            assert any(t[-1] in hot and len(t) < 8 for t in got.new_tokens)

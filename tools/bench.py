@@ -84,7 +84,9 @@ def run_bench(args) -> dict:
                  for b in (args.batch or [1, 8])}
     else:
         warmup, repeats = args.warmup if args.warmup is not None else 1, args.repeats or 3
-        cases = {f"greedy b1 prompt{args.prompt_len} +{args.new_tokens}": _prompt_inputs(bundle, manifest, args.prompt_len)}
+        prompt = _prompt_inputs(bundle, manifest, args.prompt_len)
+        cases = {f"{'greedy' if k == 1 else f'beam-{k}'} b1 prompt{args.prompt_len} +{args.new_tokens}": prompt
+                 for k in (getattr(args, "num_beams", None) or [1, 4])}
 
     results, accuracy = [], {}
     with tempfile.TemporaryDirectory(prefix="fastertrt-bench-") as tmp:
@@ -101,8 +103,9 @@ def run_bench(args) -> dict:
             for backend, extra_spec in rows:
                 print(f"  bench {case} on {backend} ({warmup} warm-up + {repeats} timed, {threads} threads) ...",
                       file=sys.stderr, flush=True)
+                beams = int(case.split()[0].split("-")[1]) if case.startswith("beam-") else 1
                 spec = dict(base, backend=backend, case=case, inputs=str(npz), warmup=warmup, repeats=repeats,
-                            new_tokens=args.new_tokens, **extra_spec)
+                            new_tokens=args.new_tokens, num_beams=beams, **extra_spec)
                 row = _measure(spec, workdir)
                 row.update(accuracy.get(backend, {}))
                 results.append(row)

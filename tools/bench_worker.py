@@ -57,12 +57,12 @@ def _torch_case(spec, inputs):
             with torch.inference_mode():
                 return model(**feeds).last_hidden_state
         return fn, lambda r: None
-    n = spec["new_tokens"]
+    n, beams = spec["new_tokens"], spec.get("num_beams", 1)
 
     def fn():
         with torch.inference_mode():
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=spec["pad_token_id"])
+                                  do_sample=False, num_beams=beams, pad_token_id=spec["pad_token_id"])
     return fn, lambda r: r[:, ids.shape[1]:].tolist()
 
 
@@ -89,8 +89,8 @@ def _runtime_case(spec, inputs):
     ids = inputs["input_ids"]
     if spec["kind"] == "encoder":
         return (lambda: model.encode(ids)), lambda r: None
-    n = spec["new_tokens"]
-    return (lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n)), \
+    n, beams = spec["new_tokens"], spec.get("num_beams", 1)
+    return (lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, num_beams=beams)), \
         lambda r: r.sequences[:, ids.shape[1]:].tolist()
 
 

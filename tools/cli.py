@@ -30,6 +30,8 @@ examples:
   fastertrt run minilm.bundle --text "TensorRT makes transformers fast." --text "Another sentence."
   fastertrt run minilm.bundle --ids 101,7592,102
   fastertrt run smollm2.bundle --prompt "The capital of France is" --max-new-tokens 16
+  fastertrt run smollm2.bundle --prompt "Once upon a time" --num-beams 4 --num-return-sequences 2
+  fastertrt run smollm2.bundle --prompt "Hello" --stream
 """
 EPILOG_INSPECT = """\
 examples:
@@ -196,12 +198,23 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a bundle on text or token ids", epilog=EPILOG_RUN, formatter_class=fmt,
                        description="Load a bundle with the thin runtime (no torch) and run it: encoders print "
-                                   "embeddings, decoders generate text greedily.")
+                                   "embeddings, decoders generate text (greedy or beam search, as transformers' "
+                                   "generate(do_sample=False) does).")
     r.add_argument("bundle")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", "--prompt", action="append", dest="text", help="input text (repeat for a batch)")
     src.add_argument("--ids", action="append", help="comma-separated token ids (repeat for a batch)")
     r.add_argument("--max-new-tokens", type=int, default=32, help="decoders: tokens to generate (default 32)")
+    r.add_argument("--min-new-tokens", type=int, default=0, help="decoders: no eos before this many tokens")
+    r.add_argument("--num-beams", type=int, default=1, help="decoders: beam width (default 1: greedy)")
+    r.add_argument("--num-return-sequences", type=int, default=1, help="decoders: best beams to print per prompt")
+    r.add_argument("--length-penalty", type=float, default=1.0,
+                   help="decoders: beam scores are divided by length ** this (default 1.0; < 0 favours short)")
+    r.add_argument("--early-stopping", choices=("true", "false", "never"), default="false",
+                   help="decoders: when beam search stops (transformers' meaning; default false)")
+    r.add_argument("--eos", type=int, action="append", default=None, help="decoders: eos token id (repeatable; "
+                   "default: the model's)")
+    r.add_argument("--stream", action="store_true", help="decoders, greedy: print tokens as they come")
     r.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
 
@@ -221,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seq", type=int, default=128, help="encoder sequence length (default 128)")
     b.add_argument("--new-tokens", type=int, default=32, help="decoder: new tokens per generation (default 32)")
     b.add_argument("--prompt-len", type=int, default=16, help="decoder: prompt tokens (default 16)")
+    b.add_argument("--num-beams", type=int, action="append", default=None,
+                   help="decoder: beam widths to time, repeatable (default: 1 and 4, i.e. greedy and beam-4)")
     b.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 encoder, 3 decoder)")
     b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
     b.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
@@ -311,17 +326,42 @@ def _run(args) -> int:
             print(f"[{i}] {key}{'' if row.ndim == 1 else '[0]'} = [{head}, ...]  (norm {np.linalg.norm(vec):.4f})")
         return 0
     if isinstance(model, Decoder):
-        gen = model.generate(inputs, max_new_tokens=args.max_new_tokens)
-        if args.json:
-            print(json.dumps({"new_tokens": gen.new_tokens, "texts": gen.texts}))
-            return 0
-        for i, toks in enumerate(gen.new_tokens):
-            prompt = args.text[i] if args.text else args.ids[i]
-            print(f"[{i}] {prompt!s}")
-            print(f"    -> {gen.texts[i]!r}" if gen.texts else f"    -> ids {toks}")
-        return 0
+        return _generate(model, args, inputs)
     print("module bundles are run from Python: fastertrt.load(bundle).run(**arrays)", file=sys.stderr)
     return 2
+
+
+def _generate(model, args, inputs) -> int:
+    on_token = None
+    if args.stream:
+        if args.num_beams != 1:
+            from fastertrt.errors import InputError
+
+            raise InputError("--stream prints greedy tokens as they come; beam search knows its text at the end")
+
+        def on_token(step, tokens):
+            text = model.tokenizer.decode([int(tokens[0])]) if model.tokenizer else f" {int(tokens[0])}"
+            print(text, end="", flush=True)
+
+    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    gen = model.generate(inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                         num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
+                         length_penalty=args.length_penalty, early_stopping=early, eos_token_id=args.eos,
+                         on_token=on_token)
+    if args.stream:
+        print()
+    if args.json:
+        scores = None if gen.scores is None else [float(x) for x in gen.scores]
+        print(json.dumps({"new_tokens": gen.new_tokens, "texts": gen.texts, "scores": scores}))
+        return 0
+    per = args.num_return_sequences
+    for i, toks in enumerate(gen.new_tokens):
+        if i % per == 0:
+            prompt = args.text[i // per] if args.text else args.ids[i // per]
+            print(f"[{i // per}] {prompt!s}")
+        score = f"  (score {gen.scores[i]:.4f})" if gen.scores is not None and args.num_beams > 1 else ""
+        print(f"    -> {gen.texts[i]!r}{score}" if gen.texts else f"    -> ids {toks}{score}")
+    return 0
 
 
 def _inspect(args) -> int:
