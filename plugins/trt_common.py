@@ -32,3 +32,48 @@ def register(trt_module, plugin_name: str, namespace: str, make_classes) -> None
         creator = creator_cls()
         trt_module.get_plugin_registry().register_creator(creator, namespace)
         _REGISTERED[key] = creator  # the registry holds a pointer: keep the Python object alive
+
+
+def plugin_base(trt):
+    """The IPluginV3 base every fastertrt plugin shares for `trt` (tensorrt or
+    tensorrt_rtx): the four interfaces initialised one by one (super().__init__()
+    alone crashes the bindings) and the runtime hooks that have nothing to do."""
+
+    class PluginBase(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(self, name: str, version: str, namespace: str, num_outputs: int):
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name, self.plugin_version, self.plugin_namespace = name, version, namespace
+            self.num_outputs = num_outputs
+
+        def get_capability_interface(self, type):
+            return self
+
+        def get_valid_tactics(self):
+            return []
+
+        def set_tactic(self, tactic):
+            pass
+
+        def on_shape_change(self, inp, out):
+            pass
+
+        def attach_to_context(self, context):
+            return self.clone()
+
+        def serialize(self, fields: list):
+            """fields: (name, numpy array, PluginFieldType). A PluginField points into
+            its array without owning it, so the arrays stay alive on the plugin."""
+            self._field_arrays = fields
+            return trt.PluginFieldCollection([trt.PluginField(*f) for f in fields])
+
+    return PluginBase
+
+
+def kernel_field(trt, name: str, blob: bytes):
+    """A serialized-kernels plugin field (bytes as INT8)."""
+    import numpy as np
+
+    return (name, np.frombuffer(blob, dtype=np.int8).copy(), trt.PluginFieldType.INT8)

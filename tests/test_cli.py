@@ -77,15 +77,18 @@ def test_bench_writes_json_with_torch_and_runtime_rows(bundles, tmp_path, family
     args += ["--batch", "2", "--seq", "16"] if family == "bert" else ["--new-tokens", "4", "--prompt-len", "6"]
     assert main(args) == 0
     report = json.loads(out.read_text())
-    backends = [r["backend"] for r in report["results"]]
-    assert backends == ["torch", "onnxruntime"]
+    rows = [(r["case"].split()[0], r["backend"]) for r in report["results"]]
+    if family == "bert":
+        assert rows == [("encode", "torch"), ("encode", "onnxruntime")]
+    else:  # greedy and beam-4, each on torch and the runtime
+        assert rows == [("greedy", "torch"), ("greedy", "onnxruntime"), ("beam-4", "torch"), ("beam-4", "onnxruntime")]
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["peak_rss_mb"] > 0
         assert r["threads"] == 1 and r["repeats"] == 2
     if family == "gpt2":
-        rt = report["results"][1]
-        assert rt["tokens_per_s"] > 0 and rt["same_tokens_as_torch"] is True
-        assert len(rt["tokens"][0]) == 4  # min_new_tokens forced all 4
+        for rt in report["results"][1::2]:
+            assert rt["tokens_per_s"] > 0 and rt["same_tokens_as_torch"] is True
+            assert len(rt["tokens"][0]) == 4  # min_new_tokens forced all 4
     assert "median ms" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_models import DECODERS, ENCODERS, tiny_model
+from tiny_models import DECODERS, ENCODERS, left_pad, tiny_model
 
 from fastertrt.runtime import load
 from fastertrt.tolerances import tolerance
@@ -79,21 +79,11 @@ def test_decoder_export_and_greedy_matches_generate(bundles, family, impl):
 
     model = tiny_model(family)
     model.config._attn_implementation = impl
-    ids, mask = _left_pad(prompts, pad=0)
+    ids, mask = left_pad(prompts, pad=0)
     with torch.no_grad():
         ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                              max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
     np.testing.assert_array_equal(gen.sequences, ref.numpy())
-
-
-def _left_pad(rows, pad):
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def test_decoder_text_roundtrip_with_tokenizer(bundles):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import DECODERS, tiny_model
+from tiny_models import DECODERS, left_pad, tiny_model
 
 from fastertrt.errors import InputError
 from fastertrt.runtime import load
@@ -33,16 +33,6 @@ EOS_CASES = [
     dict(num_beams=4, early_stopping=False, length_penalty=1.0),
     dict(num_beams=4, min_new_tokens=6, length_penalty=0.0),
 ]
-
-
-def left_pad(rows, pad):
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def hf_generate(model, prompts, pad, **kw):

@@ -65,3 +65,17 @@ def save_tiny(family: str, folder: Path, with_tokenizer: bool = True) -> Path:
     if with_tokenizer:
         tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def left_pad(rows, pad: int):
+    """(ids, mask) int64 arrays for prompts of different lengths, padded on the left
+    as transformers' generate expects."""
+    import numpy as np
+
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask

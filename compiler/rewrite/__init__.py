@@ -48,7 +48,8 @@ def _plugin_modules():
 
 
 def rewrite_model(model, plugins=None) -> list[PluginRewrite]:
-    """Fuse an onnx_ir Model in place; returns one report per plugin."""
+    """Fuse an onnx_ir Model in place; returns one report per plugin that found
+    something to replace."""
     reports = []
     for name, mod in (plugins or _plugin_modules()).items():
         mod.prepare(model)
@@ -56,7 +57,8 @@ def rewrite_model(model, plugins=None) -> list[PluginRewrite]:
         by_rule = {rule_name: rules.apply_to_model(model) for rule_name, rules in mod.rule_set()}
         fused = sum(1 for n in model.graph if n.domain == mod.DOMAIN and n.op_type == name)
         unfused = [mod.explain(model, node) for node in mod.find_blocks(model.graph)]
-        reports.append(PluginRewrite(name, len(blocks), fused, by_rule, unfused))
+        if blocks or fused:  # a plugin with nothing to replace in this graph is not reported
+            reports.append(PluginRewrite(name, len(blocks), fused, by_rule, unfused))
         mod.attach_functions(model)
     return reports
 

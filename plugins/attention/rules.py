@@ -469,25 +469,10 @@ def _traced_reason(tracer, rule) -> str | None:
 
 def attach_functions(model) -> int:
     """Give every plugin node its reference ONNX function (one per attribute set)."""
-    import onnx_ir as ir
-
     from fastertrt.plugins.attention.reference import onnx_function
+    from fastertrt.plugins.functions import attach_functions as attach
 
-    opset = model.opset_imports.get("", 18)
-    model.opset_imports.setdefault(spec.DOMAIN, 1)
-    made = 0
-    for node in model.graph:
-        if node.domain != spec.DOMAIN or node.op_type != spec.NAME:
-            continue
-        attrs = node_attrs(node)
-        node.overload = attrs.overload()
-        key = (spec.DOMAIN, spec.NAME, node.overload)
-        if key not in model.functions:
-            proto = onnx_function(attrs, opset)
-            fn = ir.serde.deserialize_function(proto)
-            model.functions[fn.identifier()] = fn
-            made += 1
-    return made
+    return attach(model, spec.DOMAIN, spec.NAME, node_attrs, onnx_function)
 
 
 def _make_onnx_attention_rule():

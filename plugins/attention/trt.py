@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastertrt.plugins import trt_common
 from fastertrt.plugins.attention import spec
 from fastertrt.plugins.attention.launch import (
     MAX_SPLITS,
@@ -27,7 +28,6 @@ from fastertrt.plugins.attention.launch import (
     split_workspace_bytes,
 )
 from fastertrt.plugins.attention.spec import ITEMSIZE, AttentionAttrs, AttentionSpecError
-from fastertrt.plugins import trt_common
 from fastertrt.plugins.cuda_launch import _driver as cuda_driver
 from fastertrt.plugins.cuda_launch import driver_call
 
@@ -81,26 +81,14 @@ def _make_classes(trt):
         def value(d):
             return d.get_constant_value() if d.is_constant() else None
 
-    class AttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+    class AttentionPlugin(trt_common.plugin_base(trt)):
         def __init__(self, attrs: AttentionAttrs, kernels: dict | None = None):
-            # each base's __init__ explicitly: super().__init__() alone crashes the bindings
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
+            super().__init__(spec.NAME, spec.VERSION, spec.NAMESPACE, len(attrs.output_names()))
             self.attrs = attrs
-            self.num_outputs = len(attrs.output_names())
-            self.plugin_namespace = spec.NAMESPACE
-            self.plugin_name = spec.NAME
-            self.plugin_version = spec.VERSION
             self.kernel_blobs = dict(kernels or {})
             self._kernels = None
             self.io_dtype = None
             self.mask_dtype = None
-
-        # -- core ----------------------------------------------------------------------
-        def get_capability_interface(self, type):
-            return self
 
         def clone(self):
             twin = AttentionPlugin(self.attrs, self.kernel_blobs)
@@ -140,31 +128,16 @@ def _make_classes(trt):
             b_max, s_max = int(dims[0]), int(dims[1] if self.attrs.qkv_packed else dims[2])
             return max_split_workspace_bytes(b_max, self.attrs.num_heads, s_max, block_d(self.attrs.head_size))
 
-        def get_valid_tactics(self):
-            return []
-
         def get_fields_to_serialize(self):
-            # a PluginField points into its array without owning it: keep the arrays alive
-            self._field_arrays = [(name, np.array([getattr(self.attrs, name)], dtype=np.int32),
-                                   trt.PluginFieldType.INT32) for name in INT_FIELDS]
-            self._field_arrays.append(("scale", np.array([self.attrs.scale], dtype=np.float32),
-                                       trt.PluginFieldType.FLOAT32))
+            fields = [(name, np.array([getattr(self.attrs, name)], dtype=np.int32), trt.PluginFieldType.INT32)
+                      for name in INT_FIELDS]
+            fields.append(("scale", np.array([self.attrs.scale], dtype=np.float32), trt.PluginFieldType.FLOAT32))
             if KERNELS_FIELD not in self.kernel_blobs:
                 self.kernel_blobs = compile_kernels(self.attrs, self.io_dtype or "float32", self.mask_dtype)
-            for name, blob in self.kernel_blobs.items():
-                self._field_arrays.append((name, np.frombuffer(blob, dtype=np.int8).copy(), trt.PluginFieldType.INT8))
-            return trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+            fields += [trt_common.kernel_field(trt, name, blob) for name, blob in self.kernel_blobs.items()]
+            return self.serialize(fields)
 
         # -- runtime -------------------------------------------------------------------
-        def set_tactic(self, tactic):
-            pass
-
-        def on_shape_change(self, inp, out):
-            pass
-
-        def attach_to_context(self, context):
-            return self.clone()
-
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             if self._kernels is None:
                 from fastertrt.plugins.cuda_launch import unpack_kernels

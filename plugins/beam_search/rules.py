@@ -306,20 +306,7 @@ def explain(model, block) -> dict:
 
 
 def attach_functions(model) -> int:
-    import onnx_ir as ir
-
     from fastertrt.plugins.beam_search.reference import onnx_function
+    from fastertrt.plugins.functions import attach_functions as attach
 
-    opset = model.opset_imports.get("", 18)
-    model.opset_imports.setdefault(spec.DOMAIN, 1)
-    made = 0
-    for node in model.graph:
-        if node.domain != spec.DOMAIN or node.op_type != spec.NAME:
-            continue
-        attrs = node_attrs(node)
-        node.overload = attrs.overload()
-        if (spec.DOMAIN, spec.NAME, node.overload) not in model.functions:
-            fn = ir.serde.deserialize_function(onnx_function(attrs, opset))
-            model.functions[fn.identifier()] = fn
-            made += 1
-    return made
+    return attach(model, spec.DOMAIN, spec.NAME, node_attrs, onnx_function)

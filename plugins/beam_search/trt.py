@@ -58,23 +58,13 @@ def _make_classes(trt):
         def value(d):
             return d.get_constant_value() if d.is_constant() else None
 
-    class BeamStepPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+    class BeamStepPlugin(trt_common.plugin_base(trt)):
         def __init__(self, attrs: BeamStepAttrs, kernels: dict | None = None):
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
+            super().__init__(spec.NAME, spec.VERSION, spec.NAMESPACE, 3)
             self.attrs = attrs
-            self.num_outputs = 3
-            self.plugin_namespace = spec.NAMESPACE
-            self.plugin_name = spec.NAME
-            self.plugin_version = spec.VERSION
             self.kernel_blobs = dict(kernels or {})
             self._kernels = None
             self.logits_dtype = None
-
-        def get_capability_interface(self, type):
-            return self
 
         def clone(self):
             twin = BeamStepPlugin(self.attrs, self.kernel_blobs)
@@ -110,28 +100,15 @@ def _make_classes(trt):
             k_max = min(spec.MAX_CANDIDATES, int(inp[1].max[1]) * self.attrs.candidates)
             return workspace_bytes(rows, vocab, k_max)
 
-        def get_valid_tactics(self):
-            return []
-
         def get_fields_to_serialize(self):
-            self._field_arrays = [(n, np.array([getattr(self.attrs, n)], dtype=np.int32), trt.PluginFieldType.INT32)
-                                  for n in INT_FIELDS]
+            fields = [(n, np.array([getattr(self.attrs, n)], dtype=np.int32), trt.PluginFieldType.INT32)
+                      for n in INT_FIELDS]
             if not self.kernel_blobs:
                 self.kernel_blobs = compile_kernels(self.logits_dtype or "float32", bool(self.attrs.has_bias))
-            for name, blob in self.kernel_blobs.items():
-                self._field_arrays.append((name, np.frombuffer(blob, dtype=np.int8).copy(), trt.PluginFieldType.INT8))
-            return trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+            fields += [trt_common.kernel_field(trt, name, blob) for name, blob in self.kernel_blobs.items()]
+            return self.serialize(fields)
 
         # -- runtime -------------------------------------------------------------------
-        def set_tactic(self, tactic):
-            pass
-
-        def on_shape_change(self, inp, out):
-            pass
-
-        def attach_to_context(self, context):
-            return self.clone()
-
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from fastertrt.plugins.beam_search.launch import beam_step_launch
             from fastertrt.plugins.cuda_launch import current_compute_capability, unpack_kernels
