@@ -77,3 +77,22 @@ def kernel_field(trt, name: str, blob: bytes):
     import numpy as np
 
     return (name, np.frombuffer(blob, dtype=np.int8).copy(), trt.PluginFieldType.INT8)
+
+
+def creator_base(trt):
+    """The IPluginCreatorV3One base: name, version, namespace and the declared
+    fields. The parser drops ONNX attributes a creator does not declare, silently."""
+
+    class CreatorBase(trt.IPluginCreatorV3One):
+        def __init__(self, name: str, version: str, namespace: str, int_fields=(), float_fields=(), blob_fields=()):
+            import numpy as np
+
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_version, self.plugin_namespace = name, version, namespace
+            self._field_arrays = [(n, np.array([0], dtype=np.int32), trt.PluginFieldType.INT32) for n in int_fields]
+            self._field_arrays += [(n, np.array([1.0], dtype=np.float32), trt.PluginFieldType.FLOAT32)
+                                   for n in float_fields]
+            self._field_arrays += [(n, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8) for n in blob_fields]
+            self.field_names = trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+
+    return CreatorBase

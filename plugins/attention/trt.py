@@ -153,16 +153,9 @@ def _make_classes(trt):
             enqueue_attention(self.attrs, self._kernels[KERNELS_FIELD], dims, list(inputs), list(outputs),
                               ITEMSIZE[io], int(stream), split)
 
-    class AttentionCreator(trt.IPluginCreatorV3One):
+    class AttentionCreator(trt_common.creator_base(trt)):
         def __init__(self):
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name = spec.NAME
-            self.plugin_namespace = spec.NAMESPACE
-            self.plugin_version = spec.VERSION
-            self._field_arrays = [(n, np.array([0], dtype=np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
-            self._field_arrays.append(("scale", np.array([1.0], dtype=np.float32), trt.PluginFieldType.FLOAT32))
-            self._field_arrays += [(f, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8) for f in BLOB_FIELDS]
-            self.field_names = trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+            super().__init__(spec.NAME, spec.VERSION, spec.NAMESPACE, INT_FIELDS, ("scale",), BLOB_FIELDS)
 
         def create_plugin(self, name, field_collection, phase):
             attrs, kernels = attrs_from_fields(field_collection)

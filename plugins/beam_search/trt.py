@@ -126,16 +126,9 @@ def _make_classes(trt):
                              workspace=int(workspace), batch=batch, num_beams=beams, vocab=vocab,
                              k=beams * self.attrs.candidates, stream=int(stream))
 
-    class BeamStepCreator(trt.IPluginCreatorV3One):
+    class BeamStepCreator(trt_common.creator_base(trt)):
         def __init__(self):
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name = spec.NAME
-            self.plugin_namespace = spec.NAMESPACE
-            self.plugin_version = spec.VERSION
-            self._field_arrays = [(n, np.array([0], dtype=np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
-            self._field_arrays += [(f, np.array([0], dtype=np.int8), trt.PluginFieldType.INT8)
-                                   for f in _kernel_fields()]
-            self.field_names = trt.PluginFieldCollection([trt.PluginField(*f) for f in self._field_arrays])
+            super().__init__(spec.NAME, spec.VERSION, spec.NAMESPACE, INT_FIELDS, (), _kernel_fields())
 
         def create_plugin(self, name, field_collection, phase):
             attrs, kernels = attrs_from_fields(field_collection)
