@@ -26,13 +26,15 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+# tools/ is off sys.path (above) and no package without a fastertrt install: by path
+_spec = importlib.util.spec_from_file_location("gpu_check_common", Path(__file__).with_name("gpu_check_common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+Bench = common.Bench  # gpu_attention_tune.py times with this script's names
 
 # (tag, dtype, head_dim, has_mask, causal, mask_dtype): what `run` needs
 VARIANTS = [
@@ -79,34 +81,15 @@ def prepare(outdir: Path, targets: tuple[int, ...]) -> None:
         }
         print(f"{tag:28s} " + "  ".join(f"sm_{cc}: {len(k.cubin) // 1024} KB cubin, {k.shared // 1024} KB smem"
                                         for cc, k in kernels.items()))
-    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"wrote {len(VARIANTS)} bundles to {outdir} in {time.perf_counter() - start:.1f} s")
+    common.write_manifest(outdir, manifest, f"{len(VARIANTS)} bundles", start)
 
 
 # -----------------------------------------------------------------------------
 # run (GPU machine)
 # -----------------------------------------------------------------------------
 def _import_launchers():
-    """fastertrt's launcher modules, installed or straight from this checkout (the
-    GPU machine has no fastertrt install: fastertrt/ and plugins/ are taken by path)."""
-    try:
-        from fastertrt.plugins import cuda_launch
-        from fastertrt.plugins.attention import launch
-        return cuda_launch, launch
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))  # fastertrt/ (errors.py) is importable from the checkout root
-    import fastertrt
-
-    spec = importlib.util.spec_from_file_location(
-        "fastertrt.plugins", ROOT / "plugins" / "__init__.py", submodule_search_locations=[str(ROOT / "plugins")])
-    plugins = importlib.util.module_from_spec(spec)
-    sys.modules["fastertrt.plugins"] = plugins
-    spec.loader.exec_module(plugins)
-    fastertrt.plugins = plugins
-    from fastertrt.plugins import cuda_launch
-    from fastertrt.plugins.attention import launch
-    return cuda_launch, launch
+    """fastertrt's cuda_launch and attention.launch, installed or from this checkout."""
+    return common.import_plugins("cuda_launch", "attention.launch")
 
 
 def _configs():
@@ -124,56 +107,6 @@ def _configs():
     out.append(("bf16 causal+pad h9/3 b4 s64 p37", "dec_bf16_d64_causal_mask", 4, 9, 3, 64, 37, 64))
     out.append(("fp32 enc pad h12 b2 s100", "enc_fp32_d64_mask", 2, 12, 12, 100, 0, 64))
     return out
-
-
-class Bench:
-    def __init__(self, torch, iters: int, warmup: int):
-        self.torch, self.iters, self.warmup = torch, iters, warmup
-
-    def events_ms(self, fn) -> float:
-        """Median over calls of start/end events around one call (includes the host's
-        launch cost when the GPU waits for it)."""
-        torch = self.torch
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-
-    def graph_us(self, fn, reps: int = 20):
-        """GPU time per call from a CUDA graph of `reps` calls (no Python in the loop);
-        None where capture fails."""
-        torch = self.torch
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()  # loads modules and allocates outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(reps):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(max(5, self.iters // 5)):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1000.0 / reps)
-            return statistics.median(times)
-        except Exception as exc:  # noqa: BLE001 - timing extra; report why it is missing
-            print(f"  (graph timing unavailable: {type(exc).__name__}: {str(exc)[:120]})")
-            return None
 
 
 def _inputs(torch, dtype, b, hq, hkv, s, past, d, has_mask, gen):
@@ -242,19 +175,16 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
     splits = {tag: (cuda_launch.unpack_kernels((outdir / info["split_file"]).read_bytes()),
                     cuda_launch.unpack_kernels((outdir / info["combine_file"]).read_bytes()))
               for tag, info in manifest["variants"].items() if "split_file" in info}
-    torch.cuda.init()
-    torch.zeros(1, device=DEVICE)  # makes torch's primary context current for the driver calls
-    cc = cuda_launch.current_compute_capability()
-    dev = torch.cuda.get_device_name()
+    cc, dev = common.cuda_device(torch, cuda_launch)
     print(f"device: {dev} (sm_{cc}), torch {torch.__version__}, cubins from triton "
           f"{next(iter(next(iter(bundles.values())).values())).tags.get('triton')}")
     bench = Bench(torch, iters, warmup)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    rows, failures = [], 0
-    for label, tag, b, hq, hkv, s, past, d in _configs():
-        if only and only not in label:
-            continue
+
+    def check(row, label, tag, b, hq, hkv, s, past, d):
         info = manifest["variants"][tag]
+        row.update({"variant": tag, "B": b, "Hq": hq, "Hkv": hkv, "S": s, "past": past, "D": d,
+                    "dtype": info["dtype"]})
         dtype = getattr(torch, info["dtype"])
         scale = d ** -0.5
         causal = bool(info["causal"])
@@ -270,66 +200,51 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
                 B=b, Hq=hq, S=s, T=t, group=hq // hkv, scale=scale,
                 stream=torch.cuda.current_stream().cuda_stream)
 
-        row = {"label": label, "variant": tag, "B": b, "Hq": hq, "Hkv": hkv, "S": s, "past": past, "D": d,
-               "dtype": info["dtype"]}
-        try:
-            sdpa = _sdpa_fn(torch, q, k, v, mask, scale, causal)
-            ours()
-            torch.cuda.synchronize()
-            ref = _reference(torch, q, k, v, mask, scale, causal)
-            got, theirs = out.float(), sdpa().float()
-            row["err_ours"] = (got - ref).abs().max().item()
-            row["err_sdpa"] = (theirs - ref).abs().max().item()
-            row["ours_vs_sdpa"] = (got - theirs).abs().max().item()
-            row["finite"] = bool(torch.isfinite(got).all().item())
-            row["ok"] = row["finite"] and row["err_ours"] <= TOLERANCE[info["dtype"]]
-            row["ours_ms"] = bench.events_ms(ours)
-            row["sdpa_ms"] = bench.events_ms(sdpa)
-            row["ratio"] = row["ours_ms"] / row["sdpa_ms"]
-            row["ours_graph_us"] = bench.graph_us(ours)
-            row["sdpa_graph_us"] = bench.graph_us(sdpa)
-            if row["ours_graph_us"] and row["sdpa_graph_us"]:
-                row["graph_ratio"] = row["ours_graph_us"] / row["sdpa_graph_us"]
-            if tag in splits and s <= launch.SPLIT_MAX_ROWS and tag.startswith("dec_"):
-                ws = torch.empty(launch.max_split_workspace_bytes(b, hq, s, info["head_dim"] if info["head_dim"] >= 16
-                                                                  else 16) * 2, dtype=torch.uint8, device=DEVICE)
-                split_arg = (*splits[tag], ws.data_ptr(), ws.numel())
+        sdpa = _sdpa_fn(torch, q, k, v, mask, scale, causal)
+        ours()
+        torch.cuda.synchronize()
+        ref = _reference(torch, q, k, v, mask, scale, causal)
+        got, theirs = out.float(), sdpa().float()
+        row["err_ours"] = (got - ref).abs().max().item()
+        row["err_sdpa"] = (theirs - ref).abs().max().item()
+        row["ours_vs_sdpa"] = (got - theirs).abs().max().item()
+        row["finite"] = bool(torch.isfinite(got).all().item())
+        row["ok"] = row["finite"] and row["err_ours"] <= TOLERANCE[info["dtype"]]
+        bench.against(row, ours, sdpa, "sdpa")
+        row["ratio"] = row["ours_ms"] / row["sdpa_ms"]
+        if row["ours_graph_us"] and row["sdpa_graph_us"]:
+            row["graph_ratio"] = row["ours_graph_us"] / row["sdpa_graph_us"]
+        if tag in splits and s <= launch.SPLIT_MAX_ROWS and tag.startswith("dec_"):
+            ws = torch.empty(launch.max_split_workspace_bytes(b, hq, s, info["head_dim"] if info["head_dim"] >= 16
+                                                              else 16) * 2, dtype=torch.uint8, device=DEVICE)
+            split_arg = (*splits[tag], ws.data_ptr(), ws.numel())
 
-                def ours_split():
-                    launch.attention_launch(
-                        bundles[tag], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                        mask.data_ptr() if mask is not None else 0, out.data_ptr(), q.stride(), k.stride(),
-                        v.stride(), out.stride(), mask_strides, B=b, Hq=hq, S=s, T=t, group=hq // hkv, scale=scale,
-                        stream=torch.cuda.current_stream().cuda_stream, split=split_arg)
+            def ours_split():
+                launch.attention_launch(
+                    bundles[tag], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                    mask.data_ptr() if mask is not None else 0, out.data_ptr(), q.stride(), k.stride(),
+                    v.stride(), out.stride(), mask_strides, B=b, Hq=hq, S=s, T=t, group=hq // hkv, scale=scale,
+                    stream=torch.cuda.current_stream().cuda_stream, split=split_arg)
 
-                out.zero_()
-                ours_split()
-                torch.cuda.synchronize()
-                row["err_split"] = (out.float() - ref).abs().max().item()
-                row["ok"] = row["ok"] and row["err_split"] <= TOLERANCE[info["dtype"]]
-                row["split_graph_us"] = bench.graph_us(ours_split)
-                if row["split_graph_us"] and row["sdpa_graph_us"]:
-                    row["split_ratio"] = row["split_graph_us"] / row["sdpa_graph_us"]
-            start = time.perf_counter()
-            for _ in range(100):
-                ours()
-            row["host_us_per_launch"] = (time.perf_counter() - start) * 1e4
+            out.zero_()
+            ours_split()
             torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - one bad config must not hide the others
-            row["ok"] = False
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        failures += not row["ok"]
-        rows.append(row)
-        _print_row(row)
+            row["err_split"] = (out.float() - ref).abs().max().item()
+            row["ok"] = row["ok"] and row["err_split"] <= TOLERANCE[info["dtype"]]
+            row["split_graph_us"] = bench.graph_us(ours_split)
+            if row["split_graph_us"] and row["sdpa_graph_us"]:
+                row["split_ratio"] = row["split_graph_us"] / row["sdpa_graph_us"]
+        row["host_us_per_launch"] = bench.host_us(ours)
+
+    rows = common.run_configs(_configs(), only, check, _print_row)
+    failures = sum(not r["ok"] for r in rows)
     if profile:
         profile_host(torch, bundles, launch)
     enqueue_rows = check_enqueue(torch, bundles, splits)
     failures += sum(not r["ok"] for r in enqueue_rows)
     result = {"device": dev, "cc": cc, "torch": torch.__version__, "iters": iters, "tolerance": TOLERANCE,
               "rows": rows, "enqueue": enqueue_rows, "failures": failures}
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {json_path}")
+    common.write_json(json_path, result)
     total = len(rows) + len(enqueue_rows)
     print(f"{total - failures}/{total} within tolerance")
     return 1 if failures else 0
@@ -433,38 +348,20 @@ def profile_host(torch, bundles: dict, launch, n: int = 500) -> None:
 
 
 def _print_row(row: dict) -> None:
-    if "error" in row:
-        print(f"{row['label']:34s} ERROR {row['error'][:200]}")
-        return
-
-    def f(key, fmt):
-        v = row.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
-    print(f"{row['label']:34s} {'ok ' if row['ok'] else 'BAD'} err {f('err_ours', '.1e')} (sdpa {f('err_sdpa', '.1e')})"
-          f"  ours {f('ours_ms', '7.4f')} ms  sdpa {f('sdpa_ms', '7.4f')} ms  x{f('ratio', '.2f')}"
-          f"  graph {f('ours_graph_us', '7.1f')} / {f('sdpa_graph_us', '7.1f')} us  x{f('graph_ratio', '.2f')}"
-          f"  host {f('host_us_per_launch', '.0f')} us"
-          + (f"  split {f('split_graph_us', '7.1f')} us x{f('split_ratio', '.2f')} err {f('err_split', '.1e')}"
-             if "split_graph_us" in row else ""))
+    common.print_row(row, 34, lambda f: (
+        f"err {f('err_ours', '.1e')} (sdpa {f('err_sdpa', '.1e')})  "
+        + common.timing_columns(f, "sdpa", "ratio", "graph_ratio", "host_us_per_launch")
+        + (f"  split {f('split_graph_us', '7.1f')} us x{f('split_ratio', '.2f')} err {f('err_split', '.1e')}"
+           if "split_graph_us" in row else "")))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("prepare", help="compile the cubins (no GPU; needs triton)")
-    p.add_argument("outdir", type=Path)
-    p.add_argument("--targets", default="80,86,89,90", help="compute capabilities, comma separated")
-    r = sub.add_parser("run", help="launch, compare with torch SDPA and time (GPU; no triton)")
-    r.add_argument("outdir", type=Path)
-    r.add_argument("--json", type=Path, default=None)
-    r.add_argument("--iters", type=int, default=50)
-    r.add_argument("--warmup", type=int, default=10)
-    r.add_argument("--only", default=None, help="run only configs whose label contains this")
+    parser, _, r = common.parser(__doc__, "launch, compare with torch SDPA and time (GPU; no triton)",
+                                 iters=50, warmup=10)
     r.add_argument("--profile-host", action="store_true", help="also profile the launcher's host time")
     args = parser.parse_args(argv)
     if args.mode == "prepare":
-        prepare(args.outdir, tuple(int(x) for x in args.targets.split(",")))
+        prepare(args.outdir, common.targets(args.targets))
         return 0
     return run(args.outdir, args.json, args.iters, args.warmup, args.only, args.profile_host)
 

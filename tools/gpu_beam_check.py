@@ -34,13 +34,14 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+# tools/ is off sys.path (above) and no package without a fastertrt install: by path
+_spec = importlib.util.spec_from_file_location("gpu_check_common", Path(__file__).with_name("gpu_check_common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 # (tag, logits dtype, has_bias): the plugin variants `run` needs
 VARIANTS = [
@@ -76,35 +77,15 @@ def prepare(outdir: Path, targets: tuple[int, ...], jobs: int) -> None:
                                      "blob_bytes": sum(map(len, blobs.values()))}
         print(f"{tag:10s} {len(blobs)} fields, {sum(map(len, blobs.values())) // 1024} KB of blobs "
               f"(sm_{', sm_'.join(map(str, targets))})")
-    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"wrote {len(VARIANTS)} variants to {outdir} in {time.perf_counter() - start:.1f} s")
+    common.write_manifest(outdir, manifest, f"{len(VARIANTS)} variants", start)
 
 
 # -----------------------------------------------------------------------------
 # run (GPU machine)
 # -----------------------------------------------------------------------------
 def _import_fastertrt():
-    """fastertrt's launcher modules and the numpy reference, installed or straight
-    from this checkout (the GPU machine has no fastertrt install: fastertrt/ and
-    plugins/ are taken by path)."""
-    try:
-        from fastertrt.plugins import cuda_launch
-        from fastertrt.plugins.beam_search import launch, reference
-        return cuda_launch, launch, reference
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))  # fastertrt/ (errors.py, tolerances.py) is importable from the checkout root
-    import fastertrt
-
-    spec = importlib.util.spec_from_file_location(
-        "fastertrt.plugins", ROOT / "plugins" / "__init__.py", submodule_search_locations=[str(ROOT / "plugins")])
-    plugins = importlib.util.module_from_spec(spec)
-    sys.modules["fastertrt.plugins"] = plugins
-    spec.loader.exec_module(plugins)
-    fastertrt.plugins = plugins
-    from fastertrt.plugins import cuda_launch
-    from fastertrt.plugins.beam_search import launch, reference
-    return cuda_launch, launch, reference
+    """fastertrt's launcher modules and the numpy reference, installed or from this checkout."""
+    return common.import_plugins("cuda_launch", "beam_search.launch", "beam_search.reference")
 
 
 def _configs():
@@ -203,65 +184,6 @@ def _compare(np, reference, logits, beam_scores, bias, candidates, got) -> dict:
             "ok": swaps_ok and inf_ok and err <= ATOL and not np.isnan(scores).any()}
 
 
-class Bench:
-    def __init__(self, torch, iters: int, warmup: int):
-        self.torch, self.iters, self.warmup = torch, iters, warmup
-
-    def events_ms(self, fn) -> float:
-        """Median over calls of start/end events around one call (includes the host's
-        launch cost when the GPU waits for it)."""
-        torch = self.torch
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if DEVICE == "cpu":
-            for _ in range(self.iters):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize()
-        for _ in range(self.iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-
-    def graph_us(self, fn, reps: int = 20):
-        """GPU time per call from a CUDA graph of `reps` calls (no Python in the loop);
-        None where capture fails."""
-        torch = self.torch
-        if DEVICE == "cpu":
-            return None
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()  # loads modules and lets torch's allocator settle outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(reps):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(max(10, self.iters // 5)):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1000.0 / reps)
-            return statistics.median(times)
-        except Exception as exc:  # noqa: BLE001 - timing extra; report why it is missing
-            print(f"  (graph timing unavailable: {type(exc).__name__}: {str(exc)[:160]})")
-            return None
-
-
 def _fake_launch(torch, reference, tensors):
     """--cpu-dry-run: the numpy reference writes the outputs, standing in for the cubins."""
     def launch(kernels, cc, *, logits, logits_dtype, beam_scores, bias, scores, tokens, beams, workspace, batch,
@@ -291,92 +213,73 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
     if cpu_dry_run:
         DEVICE, cc, dev = "cpu", 90, "cpu (dry run: numpy reference instead of the cubins)"
     else:
-        torch.cuda.init()
-        torch.zeros(1, device=DEVICE)  # makes torch's primary context current for the driver calls
-        cc = cuda_launch.current_compute_capability()
-        dev = torch.cuda.get_device_name()
+        cc, dev = common.cuda_device(torch, cuda_launch)
     print(f"device: {dev} (sm_{cc}), torch {torch.__version__}, cubins from triton {triton_version}")
-    bench = Bench(torch, iters, warmup)
+    bench = common.Bench(torch, iters, warmup, DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    rows, failures = [], 0
-    for label, tag, b, k_beams, v, candidates, data, timed in _configs():
-        if only and only not in label:
-            continue
+
+    def check(row, label, tag, b, k_beams, v, candidates, data, timed):
         info = manifest["variants"][tag]
         dtype = getattr(torch, info["dtype"])
         k = candidates * k_beams
-        row = {"label": label, "variant": tag, "B": b, "K": k_beams, "V": v, "k": k, "dtype": info["dtype"],
-               "bias": bool(info["has_bias"]), "data": data}
-        try:
-            logits, beam_scores, bias = _inputs(torch, dtype, b, k_beams, v, info["has_bias"], data, gen)
-            scores = torch.empty(b, k, device=DEVICE)
-            tokens = torch.empty(b, k, device=DEVICE, dtype=torch.int32)
-            beams = torch.empty(b, k, device=DEVICE, dtype=torch.int32)
-            ws_bytes = launch.workspace_bytes(b * k_beams, v, k)
-            # garbage in the workspace, as TensorRT leaves it: the kernels must not rely on zeros
-            workspace = torch.randint(0, 256, (max(ws_bytes, 1),), device=DEVICE, dtype=torch.uint8)
-            row["workspace_kb"] = ws_bytes / 1024
-            tensors = {"logits": logits, "beam_scores": beam_scores, "bias": bias, "scores": scores,
-                       "tokens": tokens, "beams": beams}
-            step = _fake_launch(torch, reference, tensors) if cpu_dry_run else launch.beam_step_launch
-            stream = 0 if cpu_dry_run else torch.cuda.current_stream().cuda_stream
+        row.update({"variant": tag, "B": b, "K": k_beams, "V": v, "k": k, "dtype": info["dtype"],
+                    "bias": bool(info["has_bias"]), "data": data})
+        logits, beam_scores, bias = _inputs(torch, dtype, b, k_beams, v, info["has_bias"], data, gen)
+        scores = torch.empty(b, k, device=DEVICE)
+        tokens = torch.empty(b, k, device=DEVICE, dtype=torch.int32)
+        beams = torch.empty(b, k, device=DEVICE, dtype=torch.int32)
+        ws_bytes = launch.workspace_bytes(b * k_beams, v, k)
+        # garbage in the workspace, as TensorRT leaves it: the kernels must not rely on zeros
+        workspace = torch.randint(0, 256, (max(ws_bytes, 1),), device=DEVICE, dtype=torch.uint8)
+        row["workspace_kb"] = ws_bytes / 1024
+        tensors = {"logits": logits, "beam_scores": beam_scores, "bias": bias, "scores": scores,
+                   "tokens": tokens, "beams": beams}
+        step = _fake_launch(torch, reference, tensors) if cpu_dry_run else launch.beam_step_launch
+        stream = 0 if cpu_dry_run else torch.cuda.current_stream().cuda_stream
 
-            def ours():
-                step(kernels[tag], cc, logits=logits.data_ptr(), logits_dtype=info["dtype"],
-                     beam_scores=beam_scores.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
-                     scores=scores.data_ptr(), tokens=tokens.data_ptr(), beams=beams.data_ptr(),
-                     workspace=workspace.data_ptr(), batch=b, num_beams=k_beams, vocab=v, k=k, stream=stream)
+        def ours():
+            step(kernels[tag], cc, logits=logits.data_ptr(), logits_dtype=info["dtype"],
+                 beam_scores=beam_scores.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
+                 scores=scores.data_ptr(), tokens=tokens.data_ptr(), beams=beams.data_ptr(),
+                 workspace=workspace.data_ptr(), batch=b, num_beams=k_beams, vocab=v, k=k, stream=stream)
 
-            def theirs():
-                return _torch_step(torch, logits, beam_scores, bias, k)
+        def theirs():
+            return _torch_step(torch, logits, beam_scores, bias, k)
 
-            ours()
-            if not cpu_dry_run:
-                torch.cuda.synchronize()
-            first = (scores.clone(), tokens.clone(), beams.clone())
-            cmp = _compare(np, reference, logits, beam_scores, bias, candidates, first)
-            row.update({f"ours_{key}": val for key, val in cmp.items() if key != "ok"})
-            ref_torch = _compare(np, reference, logits, beam_scores, bias, candidates, theirs())
-            row["torch_indices_exact"] = ref_torch["indices_exact"]
-            row["torch_score_err"] = ref_torch["score_err"]
-            t_scores, t_tokens, t_beams = theirs()
-            row["same_indices_as_torch"] = bool(torch.equal(t_tokens.cpu(), first[1].cpu())
-                                                and torch.equal(t_beams.cpu(), first[2].cpu()))
-            ours()  # again, on the workspace the first call left: same answer
-            if not cpu_dry_run:
-                torch.cuda.synchronize()
-            row["repeatable"] = bool(torch.equal(scores, first[0]) and torch.equal(tokens, first[1])
-                                     and torch.equal(beams, first[2]))
-            row["ok"] = cmp["ok"] and row["repeatable"]
-            if timed:
-                row["ours_ms"] = bench.events_ms(ours)
-                row["torch_ms"] = bench.events_ms(theirs)
-                row["speedup"] = row["torch_ms"] / row["ours_ms"]
-                row["ours_graph_us"] = bench.graph_us(ours)
-                row["torch_graph_us"] = bench.graph_us(theirs)
-                if row["ours_graph_us"] and row["torch_graph_us"]:
-                    row["graph_speedup"] = row["torch_graph_us"] / row["ours_graph_us"]
-                start = time.perf_counter()
-                for _ in range(100):
-                    ours()
-                row["host_us_per_step"] = (time.perf_counter() - start) * 1e4
-                if not cpu_dry_run:
-                    torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - one bad config must not hide the others
-            row["ok"] = False
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        failures += not row["ok"]
-        rows.append(row)
-        _print_row(row)
+        ours()
+        if not cpu_dry_run:
+            torch.cuda.synchronize()
+        first = (scores.clone(), tokens.clone(), beams.clone())
+        cmp = _compare(np, reference, logits, beam_scores, bias, candidates, first)
+        row.update({f"ours_{key}": val for key, val in cmp.items() if key != "ok"})
+        ref_torch = _compare(np, reference, logits, beam_scores, bias, candidates, theirs())
+        row["torch_indices_exact"] = ref_torch["indices_exact"]
+        row["torch_score_err"] = ref_torch["score_err"]
+        t_scores, t_tokens, t_beams = theirs()
+        row["same_indices_as_torch"] = bool(torch.equal(t_tokens.cpu(), first[1].cpu())
+                                            and torch.equal(t_beams.cpu(), first[2].cpu()))
+        ours()  # again, on the workspace the first call left: same answer
+        if not cpu_dry_run:
+            torch.cuda.synchronize()
+        row["repeatable"] = bool(torch.equal(scores, first[0]) and torch.equal(tokens, first[1])
+                                 and torch.equal(beams, first[2]))
+        row["ok"] = cmp["ok"] and row["repeatable"]
+        if timed:
+            bench.against(row, ours, theirs, "torch")
+            row["speedup"] = row["torch_ms"] / row["ours_ms"]
+            if row["ours_graph_us"] and row["torch_graph_us"]:
+                row["graph_speedup"] = row["torch_graph_us"] / row["ours_graph_us"]
+            row["host_us_per_step"] = bench.host_us(ours)
+
+    rows = common.run_configs(_configs(), only, check, _print_row)
+    failures = sum(not r["ok"] for r in rows)
     timed_rows = [r for r in rows if "speedup" in r]
     result = {"device": dev, "cc": cc, "torch": torch.__version__, "triton": triton_version, "iters": iters,
               "atol": ATOL, "rows": rows, "failures": failures,
               "min_speedup": min((r["speedup"] for r in timed_rows), default=None),
               "min_graph_speedup": min((r["graph_speedup"] for r in timed_rows if "graph_speedup" in r),
                                        default=None)}
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {json_path}")
+    common.write_json(json_path, result)
     table = [{"label": r["label"], "ok": r["ok"], "score_err": r.get("ours_score_err"),
               **{key: r[key] for key in ("ours_ms", "torch_ms", "speedup", "ours_graph_us", "torch_graph_us",
                                          "graph_speedup", "host_us_per_step", "error") if key in r}}
@@ -388,42 +291,24 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
 
 
 def _print_row(row: dict) -> None:
-    if "error" in row:
-        print(f"{row['label']:38s} ERROR {row['error'][:300]}")
-        return
-
-    def f(key, fmt):
-        v = row.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-
-    print(f"{row['label']:38s} {'ok ' if row['ok'] else 'BAD'} idx {'=' if row['ours_indices_exact'] else '~'}"
-          f"{'' if row['ours_indices_ok'] else '!'} err {f('ours_score_err', '.1e')}"
-          f" (torch idx {'=' if row['torch_indices_exact'] else '~'}, err {f('torch_score_err', '.1e')})"
-          f"  ours {f('ours_ms', '7.4f')} ms  torch {f('torch_ms', '7.4f')} ms  x{f('speedup', '.2f')}"
-          f"  graph {f('ours_graph_us', '6.1f')} / {f('torch_graph_us', '6.1f')} us  x{f('graph_speedup', '.2f')}"
-          f"  host {f('host_us_per_step', '.0f')} us")
+    common.print_row(row, 38, lambda f: (
+        f"idx {'=' if row['ours_indices_exact'] else '~'}"
+        f"{'' if row['ours_indices_ok'] else '!'} err {f('ours_score_err', '.1e')}"
+        f" (torch idx {'=' if row['torch_indices_exact'] else '~'}, err {f('torch_score_err', '.1e')})  "
+        + common.timing_columns(f, "torch", "speedup", "graph_speedup", "host_us_per_step")))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("prepare", help="compile the cubins (no GPU; needs triton)")
-    p.add_argument("outdir", type=Path)
-    p.add_argument("--targets", default="80,86,89,90", help="compute capabilities, comma separated")
+    parser, p, r = common.parser(__doc__, "launch, compare with numpy and torch, time (GPU; no triton)",
+                                 iters=200, warmup=20)
     p.add_argument("--jobs", type=int, default=0, help="compile processes (default: the CPU count)")
-    r = sub.add_parser("run", help="launch, compare with numpy and torch, time (GPU; no triton)")
-    r.add_argument("outdir", type=Path)
-    r.add_argument("--json", type=Path, default=None)
-    r.add_argument("--iters", type=int, default=200)
-    r.add_argument("--warmup", type=int, default=20)
-    r.add_argument("--only", default=None, help="run only configs whose label contains this")
     r.add_argument("--cpu-dry-run", action="store_true",
                    help="no GPU: the numpy reference stands in for the kernels (checks this script)")
     args = parser.parse_args(argv)
     if args.mode == "prepare":
         import os
 
-        prepare(args.outdir, tuple(int(x) for x in args.targets.split(",")), args.jobs or os.cpu_count() or 1)
+        prepare(args.outdir, common.targets(args.targets), args.jobs or os.cpu_count() or 1)
         return 0
     return run(args.outdir, args.json, args.iters, args.warmup, args.only, args.cpu_dry_run)
 

@@ -22,19 +22,20 @@ from __future__ import annotations  # keeps `tl.constexpr` annotations as string
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
+from fastertrt.plugins import triton_aot
 from fastertrt.plugins.attention.launch import COMBINE_BLOCK_M, block_d, mask_strides, split_plan
 from fastertrt.plugins.attention.spec import ITEMSIZE
-from fastertrt.plugins.cuda_launch import CompiledKernel, KernelArg
+from fastertrt.plugins.cuda_launch import CompiledKernel
+from fastertrt.plugins.triton_aot import SHARED_LIMIT_KB  # noqa: F401 - part of this module's interface
 
 IO_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TARGETS = (80, 86, 89, 90)
 OPTIONAL_TARGETS = (75, 120)
 KERNEL_NAME = "fastertrt_attention_fwd"
 
-_TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_TRITON_TYPE = triton_aot.TRITON_TYPE
 
 # Bound to triton.language by _triton() on first use; the kernel below looks it
 # up as a module global when Triton compiles or interprets it.
@@ -181,34 +182,19 @@ _SCALARS = ("S", "T", "H", "GROUP")
 def _triton():
     """Import triton on first use and bind the module-global `tl` the kernel reads."""
     global tl
-    try:
-        import triton
-        import triton.language
-    except ImportError as exc:
-        from fastertrt.errors import MissingDependencyError
-
-        raise MissingDependencyError("compiling or interpreting the attention kernel needs triton: "
-                                     "pip install 'fastertrt[kernels]'") from exc
+    triton = triton_aot.import_triton("the attention kernel")
     tl = triton.language
     return triton
 
 
 @functools.lru_cache(maxsize=2)
 def _jit_kernel(fn=None):
-    triton = _triton()
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("TRITON_INTERPRET=1 is set in this process; triton.compile does not work in "
-                           "interpreter mode. Compile the attention kernels in a process without it.")
-    return triton.jit(fn or fastertrt_attention_fwd)
+    return triton_aot.jit_for_compile(_triton(), fn or fastertrt_attention_fwd, "the attention kernels")
 
 
 @functools.lru_cache(maxsize=2)
 def _interpreted_kernel(fn=None):
-    triton = _triton()
-    if not triton.knobs.runtime.interpret:
-        raise RuntimeError("attention_interpreted needs TRITON_INTERPRET=1 in the environment before triton "
-                           "is imported (run it in a separate process; triton.compile does not work there)")
-    return triton.jit(fn or fastertrt_attention_fwd)
+    return triton_aot.jit_for_interpreter(_triton(), fn or fastertrt_attention_fwd, "attention_interpreted")
 
 
 # -----------------------------------------------------------------------------
@@ -284,10 +270,6 @@ def tile_config(variant: KernelVariant, cc: int) -> TileConfig:
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
 
 
-# Dynamic shared memory a block may opt in to, per compute capability (KB).
-SHARED_LIMIT_KB = {75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
-
-
 # -----------------------------------------------------------------------------
 # Ahead-of-time compile
 # -----------------------------------------------------------------------------
@@ -329,20 +311,10 @@ def _signature(variant: KernelVariant, tile: TileConfig):
     types.update({name: "i32" for name in _DATA_STRIDES + _MASK_STRIDES + _SCALARS})
     types.update({"scale": "fp32", "Part": "*fp32", "Lse": "*fp32", "CHUNK": "i32"})
 
-    fn = fastertrt_attention_fwd
-    arg_names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    signature, attrs, layout = {}, {}, []
-    for i, name in enumerate(arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = types[name]
-        div = ptr_align if types[name].startswith("*") else (stride_div if name in _DATA_STRIDES else 0)
-        if div:
-            attrs[(i,)] = [["tt.divisibility", div]]
-        kind = "ptr" if types[name].startswith("*") else ("f32" if types[name] == "fp32" else "i32")
-        layout.append(KernelArg(name, kind, div))
-    return signature, constexprs, attrs, tuple(layout)
+    def divisibility(name, type_):
+        return ptr_align if type_.startswith("*") else (stride_div if name in _DATA_STRIDES else 0)
+
+    return triton_aot.signature_and_layout(fastertrt_attention_fwd, types, constexprs, divisibility)
 
 
 def supported_targets() -> tuple[int, ...]:
@@ -364,28 +336,13 @@ _compiled: dict[tuple[KernelVariant, int], CompiledKernel] = {}  # in-process ca
 
 def compile_variant(variant: KernelVariant, cc: int) -> CompiledKernel:
     """Compile one variant for one compute capability (no GPU needed), once per process."""
-    key = (variant, int(cc))
-    if key not in _compiled:
-        _compiled[key] = _compile(variant, int(cc))
-    return _compiled[key]
-
-
-def _compile_job(key):
-    return key, compile_variant(*key)
+    return triton_aot.cached_compile(_compiled, _compile, variant, cc)
 
 
 def compile_many(pairs, jobs: int | None = None) -> dict[tuple[KernelVariant, int], CompiledKernel]:
-    """Compile (variant, cc) pairs, in up to `jobs` worker processes (default: the CPU
-    count): Triton's compile is single-threaded and mostly holds the GIL."""
-    todo = [(v, int(cc)) for v, cc in dict.fromkeys(pairs) if (v, int(cc)) not in _compiled]
-    jobs = min(jobs or os.cpu_count() or 1, len(todo))
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: forking a process that holds torch/triton threads can deadlock
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            _compiled.update(pool.map(_compile_job, todo))
+    """Compile (variant, cc) pairs, in up to `jobs` worker processes (default: the CPU count)."""
+    pairs = list(pairs)
+    triton_aot.compile_all(_compiled, _compile, pairs, jobs)
     return {(v, int(cc)): compile_variant(v, cc) for v, cc in pairs}
 
 
@@ -410,15 +367,8 @@ def _combine_signature(variant: CombineVariant):
     constexprs = {"HEAD_DIM": int(variant.head_dim), "BLOCK_D": variant.block_d, "BLOCK_M": COMBINE_BLOCK_M,
                   "stride_od": 1}
     types = {"Part": "*fp32", "Lse": "*fp32", "Out": "*" + _TRITON_TYPE[variant.dtype]}
-    fn = fastertrt_attention_combine
-    signature, layout = {}, []
-    for name in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = types.get(name, "i32")
-        layout.append(KernelArg(name, "ptr" if name in types else "i32", 0))
-    return signature, constexprs, {}, tuple(layout)
+    types.update({name: "i32" for name in ("stride_ob", "stride_oh", "stride_os", "S", "H", "NSPLIT")})
+    return triton_aot.signature_and_layout(fastertrt_attention_combine, types, constexprs)
 
 
 def compile_combine(variant: CombineVariant, cc: int) -> CompiledKernel:
@@ -427,9 +377,6 @@ def compile_combine(variant: CombineVariant, cc: int) -> CompiledKernel:
 
 def _compile(variant, cc: int) -> CompiledKernel:
     triton = _triton()
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if isinstance(variant, CombineVariant):
         kernel = _jit_kernel(fastertrt_attention_combine)
         tile = TileConfig(COMBINE_BLOCK_M, 0, 4, 1)
@@ -438,35 +385,15 @@ def _compile(variant, cc: int) -> CompiledKernel:
         kernel = _jit_kernel()
         tile = tile_config(variant, cc)
         signature, constexprs, attrs, layout = _signature(variant, tile)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages, "enable_fp_fusion": True}
-    with triton.knobs.compilation.scope():
-        # Line info would be most of the cubin, and the cubin goes into every engine (twice).
-        triton.knobs.compilation.disable_line_info = True
-        compiled = triton.compile(src, target=GPUTarget("cuda", int(cc), 32), options=options)
-    meta = compiled.metadata
-    limit = SHARED_LIMIT_KB.get(int(cc), 48) * 1024
-    if meta.shared > limit:
-        raise ValueError(f"attention {variant.tag()} needs {meta.shared} bytes of shared memory on sm_{cc}, "
-                         f"over its {limit}; tile_config must give it smaller tiles")
-    return CompiledKernel(
-        name=compiled.name,
-        cubin=bytes(compiled.kernel),
-        cc=int(cc),
-        num_warps=int(meta.num_warps),
-        shared=int(meta.shared),
-        block_m=tile.block_m,
-        block_n=tile.block_n,
-        global_scratch_size=int(getattr(meta, "global_scratch_size", 0) or 0),
-        global_scratch_align=int(getattr(meta, "global_scratch_align", 1) or 1),
-        profile_scratch_size=int(getattr(meta, "profile_scratch_size", 0) or 0),
-        profile_scratch_align=int(getattr(meta, "profile_scratch_align", 1) or 1),
-        args=layout,
-        tags={"kernel": kernel.fn.__name__, "variant": variant.tag(), "dtype": variant.dtype,
+    return triton_aot.compile_to_kernel(
+        triton, kernel, signature, constexprs, attrs, layout, cc,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, block_m=tile.block_m, block_n=tile.block_n,
+        label=f"attention {variant.tag()}", hint="; tile_config must give it smaller tiles",
+        tags={"variant": variant.tag(), "dtype": variant.dtype,
               "head_dim": int(variant.head_dim), "has_mask": int(getattr(variant, "has_mask", 0)),
               "causal": int(getattr(variant, "causal", 0)), "mask_dtype": getattr(variant, "mask_dtype", "none"),
               "split": int(getattr(variant, "split", 0)), "block_d": variant.block_d,
-              "num_stages": tile.num_stages, "triton": triton.__version__},
+              "num_stages": tile.num_stages},
     )
 
 

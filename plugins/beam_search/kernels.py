@@ -34,9 +34,9 @@ subprocess).
 from __future__ import annotations  # keeps `tl.constexpr` annotations as strings until triton is loaded
 
 import functools
-import os
 from dataclasses import dataclass
 
+from fastertrt.plugins import triton_aot
 from fastertrt.plugins.beam_search.launch import (
     BLOCK_V,
     BLOCK_WARPS,
@@ -48,7 +48,8 @@ from fastertrt.plugins.beam_search.launch import (
     merge_field,
     plan_launch,
 )
-from fastertrt.plugins.cuda_launch import CompiledKernel, KernelArg, pack_kernels
+from fastertrt.plugins.cuda_launch import CompiledKernel, pack_kernels
+from fastertrt.plugins.triton_aot import SHARED_LIMIT_KB  # noqa: F401 - part of this module's interface
 
 LOGIT_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TARGETS = (80, 86, 89, 90)
@@ -56,7 +57,7 @@ DEFAULT_TARGETS = (80, 86, 89, 90)
 __all__ = ["DEFAULT_TARGETS", "FIELD_NAMES", "LOGIT_DTYPES", "compile_kernels", "compile_block", "compile_merge",
            "BlockVariant", "MergeVariant", "beam_step_interpreted"]
 
-_TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_TRITON_TYPE = triton_aot.TRITON_TYPE
 
 # Bound to triton.language by _triton() on first use; the kernels below look it
 # up as a module global when Triton compiles or interprets them.
@@ -212,14 +213,7 @@ def _triton():
     """Import triton on first use, bind the module-global `tl` the kernels read and
     wrap the helpers they call with triton.jit (the kernels find them as globals)."""
     global tl
-    try:
-        import triton
-        import triton.language
-    except ImportError as exc:
-        from fastertrt.errors import MissingDependencyError
-
-        raise MissingDependencyError("compiling or interpreting the beam-step kernels needs triton: "
-                                     "pip install 'fastertrt[kernels]'") from exc
+    triton = triton_aot.import_triton("the beam-step kernels")
     tl = triton.language
     for name, fn in _HELPERS.items():
         if globals()[name] is fn:
@@ -229,20 +223,12 @@ def _triton():
 
 @functools.lru_cache(maxsize=None)
 def _jit_kernel(name: str):
-    triton = _triton()
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("TRITON_INTERPRET=1 is set in this process; triton.compile does not work in "
-                           "interpreter mode. Compile the beam-step kernels in a process without it.")
-    return triton.jit(_KERNELS[name])
+    return triton_aot.jit_for_compile(_triton(), _KERNELS[name], "the beam-step kernels")
 
 
 @functools.lru_cache(maxsize=None)
 def _interpreted_kernel(name: str):
-    triton = _triton()
-    if not triton.knobs.runtime.interpret:
-        raise RuntimeError("beam_step_interpreted needs TRITON_INTERPRET=1 in the environment before triton "
-                           "is imported (run it in a separate process; triton.compile does not work there)")
-    return triton.jit(_KERNELS[name])
+    return triton_aot.jit_for_interpreter(_triton(), _KERNELS[name], "beam_step_interpreted")
 
 
 # -----------------------------------------------------------------------------
@@ -287,8 +273,6 @@ class MergeVariant:
 # compiler's choice (KPAD 32 takes about 100, KPAD 64 about 190).
 _BLOCK_MAXNREG = {8: 64, 16: 64, 32: None, 64: None}
 
-# Dynamic shared memory a block may opt in to, per compute capability (KB).
-SHARED_LIMIT_KB = {75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
 # Pointers into the workspace (the launcher carves it on 256-byte boundaries) are
 # marked 16-byte aligned: the merge kernel's candidate loads vectorize. The step's
 # tensors get no hint: their loads and stores are indexed by run-time sizes (V, k)
@@ -297,22 +281,8 @@ _ALIGNED = 16
 _WORKSPACE_POINTERS = ("Keys", "Scratch", "BlockMax", "BlockSum")
 
 
-def _signature(fn, types: dict, constexprs: dict):
-    """ASTSource signature and attrs, and the cubin's argument layout, in the
-    kernel's parameter order."""
-    arg_names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    signature, attrs, layout = {}, {}, []
-    for i, name in enumerate(arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = types[name]
-        is_ptr = types[name].startswith("*")
-        div = _ALIGNED if name in _WORKSPACE_POINTERS else 0
-        if div:
-            attrs[(i,)] = [["tt.divisibility", div]]
-        layout.append(KernelArg(name, "ptr" if is_ptr else "i32", div))
-    return signature, constexprs, attrs, tuple(layout)
+def _divisibility(name: str, type_: str) -> int:
+    return _ALIGNED if name in _WORKSPACE_POINTERS else 0
 
 
 def _block_signature(variant: BlockVariant):
@@ -322,7 +292,7 @@ def _block_signature(variant: BlockVariant):
                   "SHORTLIST": SHORTLIST[variant.kpad]}
     if not variant.has_bias:
         constexprs["Bias"] = None
-    return _signature(fastertrt_beam_block, types, constexprs)
+    return triton_aot.signature_and_layout(fastertrt_beam_block, types, constexprs, _divisibility)
 
 
 def _merge_signature(variant: MergeVariant):
@@ -330,31 +300,22 @@ def _merge_signature(variant: MergeVariant):
     types = {"Keys": "*i64", "BlockMax": "*fp32", "BlockSum": "*fp32", "BeamScores": "*fp32", "Scores": "*fp32",
              "Tokens": "*i32", "Beams": "*i32", "V": "i32", "K": "i32", "NBLOCKS": "i32", "TOPK": "i32"}
     constexprs = {"KPAD": variant.kpad, "ROWS": tile.rows, "COLS": tile.cols, "STAT_BLOCKS": tile.stat_blocks}
-    return _signature(fastertrt_beam_merge, types, constexprs)
+    return triton_aot.signature_and_layout(fastertrt_beam_merge, types, constexprs, _divisibility)
 
 
 _compiled: dict[tuple, CompiledKernel] = {}  # in-process cache
 
 
 def compile_block(variant: BlockVariant, cc: int) -> CompiledKernel:
-    key = (variant, int(cc))
-    if key not in _compiled:
-        _compiled[key] = _compile(variant, int(cc))
-    return _compiled[key]
+    return triton_aot.cached_compile(_compiled, _compile, variant, cc)
 
 
 def compile_merge(variant: MergeVariant, cc: int) -> CompiledKernel:
-    key = (variant, int(cc))
-    if key not in _compiled:
-        _compiled[key] = _compile(variant, int(cc))
-    return _compiled[key]
+    return triton_aot.cached_compile(_compiled, _compile, variant, cc)
 
 
 def _compile(variant, cc: int) -> CompiledKernel:
     triton = _triton()
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if isinstance(variant, BlockVariant):
         kernel = _jit_kernel("fastertrt_beam_block")
         signature, constexprs, attrs, layout = _block_signature(variant)
@@ -368,57 +329,11 @@ def _compile(variant, cc: int) -> CompiledKernel:
         signature, constexprs, attrs, layout = _merge_signature(variant)
         num_warps, block_m, block_n, maxnreg = tile.num_warps, variant.kpad, tile.cols, None
         extra = {"rows": tile.rows, "cols": tile.cols, "stat_blocks": tile.stat_blocks}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": True}
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    with triton.knobs.compilation.scope():
-        # Line info would be most of the cubin, and the cubin goes into every engine (twice).
-        triton.knobs.compilation.disable_line_info = True
-        compiled = triton.compile(src, target=GPUTarget("cuda", int(cc), 32), options=options)
-    meta = compiled.metadata
-    limit = SHARED_LIMIT_KB.get(int(cc), 48) * 1024
-    if meta.shared > limit:
-        raise ValueError(f"beam-step {variant.tag()} needs {meta.shared} bytes of shared memory on sm_{cc}, over "
-                         f"its {limit}")
-    return CompiledKernel(
-        name=compiled.name,
-        cubin=bytes(compiled.kernel),
-        cc=int(cc),
-        num_warps=int(meta.num_warps),
-        shared=int(meta.shared),
-        block_m=block_m,
-        block_n=block_n,
-        global_scratch_size=int(getattr(meta, "global_scratch_size", 0) or 0),
-        global_scratch_align=int(getattr(meta, "global_scratch_align", 1) or 1),
-        profile_scratch_size=int(getattr(meta, "profile_scratch_size", 0) or 0),
-        profile_scratch_align=int(getattr(meta, "profile_scratch_align", 1) or 1),
-        args=layout,
-        tags={"kernel": kernel.fn.__name__, "variant": variant.tag(), "kpad": variant.kpad, **extra,
-              "triton": triton.__version__},
+    return triton_aot.compile_to_kernel(
+        triton, kernel, signature, constexprs, attrs, layout, cc, num_warps=num_warps, num_stages=1,
+        maxnreg=maxnreg, block_m=block_m, block_n=block_n, label=f"beam-step {variant.tag()}",
+        tags={"variant": variant.tag(), "kpad": variant.kpad, **extra},
     )
-
-
-def _compile_job(key):
-    variant, cc = key
-    return key, _compile(variant, cc)
-
-
-def _compile_all(pairs, jobs: int | None) -> None:
-    """Fill the cache for (variant, cc) pairs, in up to `jobs` worker processes
-    (default: the CPU count): Triton's compile is single-threaded."""
-    todo = [p for p in dict.fromkeys(pairs) if p not in _compiled]
-    jobs = min(jobs or os.cpu_count() or 1, len(todo))
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: forking a process that holds torch/triton threads can deadlock
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            _compiled.update(pool.map(_compile_job, todo))
-    for p in todo:
-        if p not in _compiled:
-            _compiled[p] = _compile(*p)
 
 
 def compile_kernels(logits_dtype: str, has_bias: bool, targets=None, jobs: int = 1) -> dict[str, bytes]:
@@ -432,7 +347,7 @@ def compile_kernels(logits_dtype: str, has_bias: bool, targets=None, jobs: int =
     for kpad in K_CLASSES:
         variants[block_field(kpad)] = BlockVariant(logits_dtype, has_bias, kpad)
         variants[merge_field(kpad)] = MergeVariant(kpad)
-    _compile_all([(v, cc) for v in variants.values() for cc in targets], jobs)
+    triton_aot.compile_all(_compiled, _compile, [(v, cc) for v in variants.values() for cc in targets], jobs)
     return {field: pack_kernels({cc: _compiled[(v, cc)] for cc in targets}) for field, v in variants.items()}
 
 

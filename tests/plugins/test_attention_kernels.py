@@ -1,32 +1,25 @@
 """The attention plugin's Triton kernel: numbers (Triton's CPU interpreter, against
 the numpy reference) and ahead-of-time cubins for every variant and target.
 
-The interpreter needs TRITON_INTERPRET=1 before triton is imported, and
-triton.compile fails once it is set, so the interpreted cases all run in one
-subprocess (this file run as a script) and the tests here compare its outputs.
+The interpreted cases all run in one subprocess (this file run as a script; see
+kernel_harness.py) and the tests here compare its outputs.
 """
 
 from __future__ import annotations
 
-import ast
-import os
-import subprocess
-import sys
 import time
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastertrt.plugins.attention.reference import attention_numpy
+from fastertrt.tests.plugins import kernel_harness
 from fastertrt.tolerances import tolerance
 
 TOLERANCE = {dtype: tolerance("kernel", p).atol
              for dtype, p in (("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16"))}
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # -----------------------------------------------------------------------------
@@ -104,18 +97,6 @@ def _cases() -> list[Case]:
 CASES = {c.name: c for c in _cases()}
 
 
-def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 array with the values `dtype` can hold (round to nearest even)."""
-    x = np.asarray(x, dtype=np.float32)
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32)
-
-
 def _lengths(b: int, t: int) -> list[int]:
     """Ragged valid lengths per batch row, the first row full."""
     return [t] + [max(1, t - 3 * i - 1) for i in range(1, b)]
@@ -126,7 +107,7 @@ def _mask(case: Case, rng) -> np.ndarray | None:
     if case.mask == "none":
         return None
     low = {"float32": np.finfo(np.float32).min, "float16": np.finfo(np.float16).min,
-           "bfloat16": float(_round_to(np.float32(np.finfo(np.float32).min), "bfloat16"))}[case.mask_dtype]
+           "bfloat16": float(kernel_harness.round_to(np.float32(np.finfo(np.float32).min), "bfloat16"))}[case.mask_dtype]
     if case.mask in ("pad_inf", "pad_min", "dead_batch"):
         fill = low if case.mask == "pad_min" else -np.inf
         m = np.zeros((b, 1, 1, t), np.float32)
@@ -151,12 +132,12 @@ def _mask(case: Case, rng) -> np.ndarray | None:
 def case_inputs(case: Case) -> dict:
     """Deterministic inputs, already rounded to the I/O (and mask) dtype."""
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))  # stable across processes, unlike hash()
-    q = _round_to(rng.standard_normal((case.b, case.hq, case.s, case.d)), case.dtype)
-    k = _round_to(rng.standard_normal((case.b, case.hkv, case.t, case.d)), case.dtype)
-    v = _round_to(rng.standard_normal((case.b, case.hkv, case.t, case.d)), case.dtype)
+    q = kernel_harness.round_to(rng.standard_normal((case.b, case.hq, case.s, case.d)), case.dtype)
+    k = kernel_harness.round_to(rng.standard_normal((case.b, case.hkv, case.t, case.d)), case.dtype)
+    v = kernel_harness.round_to(rng.standard_normal((case.b, case.hkv, case.t, case.d)), case.dtype)
     mask = _mask(case, rng)
     if mask is not None:
-        mask = _round_to(mask, case.mask_dtype)
+        mask = kernel_harness.round_to(mask, case.mask_dtype)
     return {"q": q, "k": k, "v": v, "mask": mask}
 
 
@@ -170,36 +151,23 @@ def _packed(q, k, v) -> np.ndarray:
 # -----------------------------------------------------------------------------
 # The interpreted run (subprocess)
 # -----------------------------------------------------------------------------
-def _interpret_all(out_path: str) -> None:
-    """Run every case through the kernel in Triton's interpreter (TRITON_INTERPRET=1 set)."""
+def _interpret(case: Case) -> dict[str, np.ndarray]:
+    """One case through the kernel in Triton's interpreter (TRITON_INTERPRET=1 set)."""
     from fastertrt.plugins.attention import kernels
 
-    results = {}
-    for case in CASES.values():
-        x = case_inputs(case)
-        common = dict(scale=case.scale, causal=case.causal, dtype=case.dtype, mask_dtype=case.mask_dtype)
-        if case.splits:
-            common["splits"] = case.splits
-        if case.packed:
-            out = kernels.attention_interpreted_packed(_packed(x["q"], x["k"], x["v"]), case.hq, case.hkv,
-                                                       x["mask"], **common)
-        else:
-            out = kernels.attention_interpreted(x["q"], x["k"], x["v"], x["mask"], **common)
-        results[case.name] = out
-    np.savez(out_path, **results)
+    x = case_inputs(case)
+    common = dict(scale=case.scale, causal=case.causal, dtype=case.dtype, mask_dtype=case.mask_dtype)
+    if case.splits:
+        common["splits"] = case.splits
+    if case.packed:
+        out = kernels.attention_interpreted_packed(_packed(x["q"], x["k"], x["v"]), case.hq, case.hkv,
+                                                   x["mask"], **common)
+    else:
+        out = kernels.attention_interpreted(x["q"], x["k"], x["v"], x["mask"], **common)
+    return {case.name: out}
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory) -> dict[str, np.ndarray]:
-    out = tmp_path_factory.mktemp("attn_interp") / "out.npz"
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="0")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"interpreted {len(CASES)} cases in {time.perf_counter() - start:.1f} s")
-    with np.load(out) as data:
-        return {name: data[name] for name in data.files}
+interpreted = kernel_harness.interpreted_fixture(__file__, CASES, "attn_interp")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -256,11 +224,8 @@ def _variants(head_dim: int):
 def _check_kernel(kernel, variant, cc):
     from fastertrt.plugins.attention.kernels import CombineVariant
 
-    assert kernel.cubin[:4] == b"\x7fELF"
-    assert kernel.cc == cc and kernel.num_warps * 32 == kernel.block_threads
-    assert 0 <= kernel.shared <= _shared_limit(cc), (variant, cc, kernel.shared)
+    kernel_harness.check_cubin(kernel, cc)
     assert kernel.tags["variant"] == variant.tag()
-    assert kernel.name.encode() in kernel.cubin  # the symbol the launcher looks up
     names = [a.name for a in kernel.args]
     assert not any(n.endswith("d") and n.startswith("stride_") for n in names)  # unit strides are baked in
     if isinstance(variant, CombineVariant):
@@ -270,10 +235,6 @@ def _check_kernel(kernel, variant, cc):
     # a split launch writes chunk partials to the workspace, a plain one writes Out
     assert names[-3:] == (["Part", "Lse", "CHUNK"] if variant.split else ["H", "GROUP", "scale"])
     assert ("Out" in names) != bool(variant.split)
-
-
-def _shared_limit(cc: int) -> int:
-    return {75: 64, 80: 163, 86: 99, 89: 99, 90: 227, 120: 99}[cc] * 1024
 
 
 OTHER_HEAD_DIMS = (8, 24, 80, 128, 256)
@@ -361,14 +322,10 @@ def test_variant_validation():
 # Launcher (what can be checked without a GPU)
 # -----------------------------------------------------------------------------
 def _fake_kernel(**over):
-    from fastertrt.plugins.cuda_launch import CompiledKernel, KernelArg
+    from fastertrt.plugins.cuda_launch import KernelArg
 
-    fields = dict(name="k", cubin=b"\x7fELF" + bytes(60), cc=86, num_warps=4, shared=1024, block_m=64, block_n=64,
-                  global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0, profile_scratch_align=1,
-                  args=(KernelArg("Q", "ptr", 16), KernelArg("stride_qs", "i32", 16), KernelArg("S", "i32")),
-                  tags={"has_mask": 0})
-    fields.update(over)
-    return CompiledKernel(**fields)
+    args = (KernelArg("Q", "ptr", 16), KernelArg("stride_qs", "i32", 16), KernelArg("S", "i32"))
+    return kernel_harness.fake_kernel(**{"args": args, "tags": {"has_mask": 0}, **over})
 
 
 def test_kernel_choice_names_the_available_targets():
@@ -398,11 +355,8 @@ def test_arguments_are_checked_against_the_compiled_hints():
 def test_launch_without_a_driver_is_a_clear_error():
     from fastertrt.plugins.attention.launch import attention_launch, bhsd_strides
     from fastertrt.plugins.cuda_launch import KernelLaunchError
-    from fastertrt.runtime.gpu import gpu_compute_capability
 
-    if gpu_compute_capability() is not None:
-        pytest.skip("this machine has a GPU")
-    pytest.importorskip("cuda.bindings")
+    kernel_harness.skip_unless_no_driver()
     st = bhsd_strides(1, 2, 4, 64)
     with pytest.raises(KernelLaunchError, match="no NVIDIA driver"):
         attention_launch({86: _fake_kernel()}, 4096, 4096, 4096, 0, 4096, st, st, st, st, None,
@@ -413,26 +367,14 @@ def test_runtime_side_imports_no_compiler():
     """launch.py and cuda_launch.py are what the TensorRT plugin's enqueue runs: they
     must not import triton, torch or numpy-heavy compiler packages."""
     heavy = {"triton", "torch", "onnx", "onnxscript", "transformers"}
-    for path in (ROOT / "plugins" / "cuda_launch.py", ROOT / "plugins" / "attention" / "launch.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            for n in names:
-                assert n.split(".")[0] not in heavy, f"{path.name} imports {n}"
+    for path in (kernel_harness.ROOT / "plugins" / "cuda_launch.py", kernel_harness.ROOT / "plugins" / "attention" / "launch.py"):
+        kernel_harness.assert_imports_none_of(path, heavy)
 
 
 def test_kernels_module_imports_without_triton():
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('triton', 'torch'):\n"
-            "            raise ImportError('blocked: ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from fastertrt.plugins.attention.kernels import KernelVariant, tile_config\n"
-            "print(tile_config(KernelVariant('float16', 64, 1, 1), 90))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "block_m=" in proc.stdout
+    out = kernel_harness.run_without_triton("from fastertrt.plugins.attention.kernels import KernelVariant, tile_config\n"
+                             "print(tile_config(KernelVariant('float16', 64, 1, 1), 90))\n")
+    assert "block_m=" in out
 
 
 @pytest.mark.gpu
@@ -462,4 +404,4 @@ def test_launch_on_gpu_matches_reference():
 
 
 if __name__ == "__main__":
-    _interpret_all(sys.argv[1])
+    kernel_harness.child_main(CASES.values(), _interpret)

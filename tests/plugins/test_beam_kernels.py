@@ -2,30 +2,25 @@
 the numpy reference), ahead-of-time cubins for every field, and the launcher's
 checks that need no GPU.
 
-The interpreter needs TRITON_INTERPRET=1 before triton is imported, and
-triton.compile fails once it is set, so the interpreted cases all run in one
-subprocess (this file run as a script) and the tests here compare its outputs.
+The interpreted cases all run in one subprocess (this file run as a script; see
+kernel_harness.py) and the tests here compare its outputs.
 """
 
 from __future__ import annotations
 
-import ast
 import os
-import subprocess
-import sys
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastertrt.plugins.beam_search.reference import beam_step_numpy
+from fastertrt.tests.plugins import kernel_harness
 from fastertrt.tolerances import tolerance
 
 ATOL = tolerance("kernel", "fp32").atol  # scores are FP32 math on inputs already rounded to the logits type
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # -----------------------------------------------------------------------------
@@ -97,18 +92,6 @@ def _fuzz_cases(n: int = 8) -> list[Case]:
 CASES.update({c.name: c for c in _fuzz_cases()})
 
 
-def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 array with the values `dtype` can hold (round to nearest even)."""
-    x = np.asarray(x, dtype=np.float32)
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32)
-
-
 def case_inputs(case: Case) -> dict:
     """Deterministic inputs, the logits already rounded to the case's type."""
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))  # stable across processes, unlike hash()
@@ -144,7 +127,7 @@ def case_inputs(case: Case) -> dict:
         # every 16th token far above the rest: the strided groups' bound is loose, the
         # shortlist overflows and the block kernel takes its max-and-remove fallback
         logits[:, ::16] += 8.0
-    logits = _round_to(logits, case.dtype)
+    logits = kernel_harness.round_to(logits, case.dtype)
     bias = None
     if case.bias != "none":
         bias = rng.standard_normal(v).astype(np.float32)
@@ -159,38 +142,24 @@ def case_inputs(case: Case) -> dict:
 # -----------------------------------------------------------------------------
 # The interpreted run (subprocess)
 # -----------------------------------------------------------------------------
-def _interpret_all(out_path: str) -> None:
-    """Run every case through the kernels in Triton's interpreter (TRITON_INTERPRET=1 set)."""
+def _interpret(case: Case) -> dict[str, np.ndarray]:
+    """One case through the kernels in Triton's interpreter (TRITON_INTERPRET=1 set)."""
     from fastertrt.plugins.beam_search import kernels
 
-    results = {}
-    for case in CASES.values():
-        x = case_inputs(case)
-        logits = x["logits"].astype(np.float16) if case.dtype == "float16" else x["logits"]
-        if case.dtype == "bfloat16":
-            import torch
+    x = case_inputs(case)
+    logits = x["logits"].astype(np.float16) if case.dtype == "float16" else x["logits"]
+    if case.dtype == "bfloat16":
+        import torch
 
-            logits = torch.from_numpy(x["logits"]).to(torch.bfloat16)  # exact: the values are bf16 already
-        start = time.perf_counter()
-        scores, tokens, beams = kernels.beam_step_interpreted(logits, x["beam_scores"], x["bias"], case.candidates,
-                                                              block_v=case.block_v)
-        results.update({f"{case.name}.scores": scores, f"{case.name}.tokens": tokens,
-                        f"{case.name}.beams": beams,
-                        f"{case.name}.seconds": np.float64(time.perf_counter() - start)})
-    np.savez(out_path, **results)
-
-
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory) -> dict[str, np.ndarray]:
-    out = tmp_path_factory.mktemp("beam_interp") / "out.npz"
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="0")
+        logits = torch.from_numpy(x["logits"]).to(torch.bfloat16)  # exact: the values are bf16 already
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"interpreted {len(CASES)} cases in {time.perf_counter() - start:.1f} s")
-    with np.load(out) as data:
-        return {name: data[name] for name in data.files}
+    scores, tokens, beams = kernels.beam_step_interpreted(logits, x["beam_scores"], x["bias"], case.candidates,
+                                                          block_v=case.block_v)
+    return {f"{case.name}.scores": scores, f"{case.name}.tokens": tokens, f"{case.name}.beams": beams,
+            f"{case.name}.seconds": np.float64(time.perf_counter() - start)}
+
+
+interpreted = kernel_harness.interpreted_fixture(__file__, CASES, "beam_interp")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -258,16 +227,12 @@ def test_shortlist_overflow_case_overflows():
 def test_bfloat16_rounding_is_the_inputs_own():
     """The bf16 cases feed values bf16 holds exactly (so the reference sees what the kernel sees)."""
     x = case_inputs(CASES["k4_c2_bf16_ninf"])["logits"]
-    np.testing.assert_array_equal(_round_to(x, "bfloat16"), x)
+    np.testing.assert_array_equal(kernel_harness.round_to(x, "bfloat16"), x)
 
 
 # -----------------------------------------------------------------------------
 # Ahead-of-time compile (no GPU)
 # -----------------------------------------------------------------------------
-def _shared_limit(cc: int) -> int:
-    return {75: 64, 80: 163, 86: 99, 89: 99, 90: 227, 120: 99}[cc] * 1024
-
-
 @pytest.fixture(scope="module")
 def fp16_bias_blobs():
     from fastertrt.plugins.beam_search.kernels import DEFAULT_TARGETS, compile_kernels
@@ -299,9 +264,7 @@ def test_compile_kernels_gives_every_field_for_every_target(fp16_bias_blobs):
         assert sorted(block) == sorted(merge) == sorted(DEFAULT_TARGETS)
         for cc in DEFAULT_TARGETS:
             for kernel in (block[cc], merge[cc]):
-                assert kernel.cubin[:4] == b"\x7fELF" and len(kernel.cubin) > 1000
-                assert kernel.cc == cc and kernel.name.encode() in kernel.cubin
-                assert 0 <= kernel.shared <= _shared_limit(cc)
+                kernel_harness.check_cubin(kernel, cc)
                 assert int(kernel.tags["kpad"]) == kpad
                 # only the workspace's pointers carry an alignment hint (the launcher makes it true)
                 assert {a.name for a in kernel.args if a.divisibility} <= {"Keys", "Scratch", "BlockMax", "BlockSum"}
@@ -394,11 +357,10 @@ def test_plan_rejects_what_the_kernels_cannot_do():
 
 
 def _fake(name, tags, args):
-    from fastertrt.plugins.cuda_launch import CompiledKernel, KernelArg
+    from fastertrt.plugins.cuda_launch import KernelArg
 
-    return CompiledKernel(name=name, cubin=b"\x7fELF" + bytes(60), cc=90, num_warps=8, shared=0, block_m=8,
-                          block_n=4096, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
-                          profile_scratch_align=1, args=tuple(KernelArg(a, "ptr", 16) for a in args), tags=tags)
+    return kernel_harness.fake_kernel(name=name, cc=90, num_warps=8, shared=0, block_m=8, block_n=4096,
+                       args=tuple(KernelArg(a, "ptr", 16) for a in args), tags=tags)
 
 
 def _fake_kernels(dtype="float16", has_bias=1, block_v=4096, shortlist=32):
@@ -442,11 +404,8 @@ def test_launch_checks_its_kernels_before_the_gpu():
 
 def test_launch_without_a_driver_is_a_clear_error():
     from fastertrt.plugins.cuda_launch import KernelLaunchError
-    from fastertrt.runtime.gpu import gpu_compute_capability
 
-    if gpu_compute_capability() is not None:
-        pytest.skip("this machine has a GPU")
-    pytest.importorskip("cuda.bindings")
+    kernel_harness.skip_unless_no_driver()
     with pytest.raises(KernelLaunchError, match="no NVIDIA driver"):
         _launch(_fake_kernels())
 
@@ -454,27 +413,14 @@ def test_launch_without_a_driver_is_a_clear_error():
 def test_runtime_side_imports_no_compiler():
     """launch.py is what the TensorRT plugin's enqueue runs: no triton, torch or numpy."""
     heavy = {"triton", "torch", "numpy", "onnx", "onnxscript", "transformers"}
-    path = ROOT / "plugins" / "beam_search" / "launch.py"
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        for n in names:
-            assert n.split(".")[0] not in heavy, f"launch.py imports {n}"
+    kernel_harness.assert_imports_none_of(kernel_harness.ROOT / "plugins" / "beam_search" / "launch.py", heavy)
 
 
 def test_kernels_module_imports_without_triton():
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('triton', 'torch'):\n"
-            "            raise ImportError('blocked: ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from fastertrt.plugins.beam_search import kernels\n"
-            "print(kernels.FIELD_NAMES, kernels.DEFAULT_TARGETS)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "kernels_block_k8" in proc.stdout
+    out = kernel_harness.run_without_triton("from fastertrt.plugins.beam_search import kernels\n"
+                             "print(kernels.FIELD_NAMES, kernels.DEFAULT_TARGETS)\n")
+    assert "kernels_block_k8" in out
 
 
 if __name__ == "__main__":
-    _interpret_all(sys.argv[1])
+    kernel_harness.child_main(CASES.values(), _interpret)
