@@ -7,7 +7,8 @@ graph; only the runtime's ONNX Runtime backend loads the variant.
   (uint8 with zero point 128 holds exactly the int8 codes shifted by 128: ORT's fast CPU path is u8 x s8)
   DequantizeLinear(T int8, row scales, axis 0) -> Gather(., ids)
       => Gather(T, ids) -> Cast -> Mul(Gather(row scales, ids))      (dequantize the rows used, not the table)
-  fastertrt plugin nodes => the plugin's ORT lowering where it has one (attention: MultiHeadAttention)
+  fastertrt plugin nodes => the plugin's ORT lowering where it has one (attention: MultiHeadAttention,
+  GroupQueryAttention in decoder graphs)
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _attr(node, name, default=None):
     return default
 
 
-def lower_for_onnxruntime(model):
-    """A new ModelProto and {what: count} of the rewrites made."""
+def lower_for_onnxruntime(model, causal_lm: bool = False):
+    """A new ModelProto and {what: count} of the rewrites made. causal_lm: the
+    graph is a causal decoder's (its attention masks are causal)."""
     import onnx
     from fastertrt.plugins import ORT_LOWERINGS
     from onnx import TensorProto, helper, numpy_helper
@@ -58,6 +60,7 @@ def lower_for_onnxruntime(model):
     replace: dict[int, list] = {}  # id(node) -> nodes standing in its place
     counts = collections.Counter()
     u8_of: dict[str, str] = {}  # int8 Q output -> uint8 Q output
+    made: set = set()  # values the plugin lowerings already compute once per graph
 
     def int8_q(name):
         """(x, scale) when `name` is DequantizeLinear(QuantizeLinear(x, scale, int8 0)) per tensor."""
@@ -144,7 +147,8 @@ def lower_for_onnxruntime(model):
                 helper.make_node("Mul", [f"{base}_codes", f"{base}_scale_col"], [base], name=f"{node.name}_dequant")]
             counts["embedding Gather on INT8 rows"] += 1
         elif node.domain == "fastertrt" and node.op_type in ORT_LOWERINGS:
-            nodes = importlib.import_module(ORT_LOWERINGS[node.op_type]).lower(node, consts)
+            nodes = importlib.import_module(ORT_LOWERINGS[node.op_type]).lower(node, consts, causal_lm=causal_lm,
+                                                                                made=made)
             if nodes is not None:
                 replace[id(node)] = nodes
                 fused = next((n.op_type for n in nodes if n.domain == "com.microsoft"), nodes[0].op_type)
@@ -177,3 +181,33 @@ def _drop_dead(nodes: list, outputs: set) -> list:
         if len(live) == len(nodes):
             return live
         nodes = live
+
+
+def write_decoder_variants(stage, graphs: dict, vocab: int, progress=None) -> tuple[dict, object]:
+    """`{name}.ort.onnx` next to each fused decoder graph (sharing its weights
+    file), checked against it on ONNX Runtime (prefill, then one-token decode
+    steps: GroupQueryAttention takes several new tokens with a cache only at
+    batch 1, and the runtime decodes one at a time). graphs: name -> fused file.
+    Returns ({name: variant file name}, parity report)."""
+    import os
+
+    import onnx
+
+    from fastertrt.compiler.export.parity import ParityReport
+    from fastertrt.compiler.rewrite import parity as rewrite_parity
+    from fastertrt.progress import quiet
+
+    progress = progress or quiet()
+    files, pairs = {}, {}
+    for name, fused in graphs.items():
+        dst = fused.with_name(f"{name}.ort.onnx")
+        lowered, counts = lower_for_onnxruntime(onnx.load(str(fused), load_external_data=False), causal_lm=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        onnx.save(lowered, str(tmp))
+        os.replace(tmp, dst)
+        progress.info(f"    {name}: ONNX Runtime variant {dst.name}: "
+                      + (", ".join(f"{k} {v}" for k, v in counts.items()) or "no changes"))
+        files[name], pairs[name] = dst.name, (fused, dst)
+    report = ParityReport()
+    rewrite_parity.check_decoder(pairs, vocab, report, decode_lengths=(1,))
+    return files, report

@@ -98,6 +98,17 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             from fastertrt.compiler.rewrite import fuse_export
 
             graph_extras, result.graphs, rewrite_report = fuse_export(stage, result, allow_partial, parity, progress)
+            if result.kind == "decoder":
+                from fastertrt.compiler.lower_ort import write_decoder_variants
+
+                with progress.step("ONNX Runtime variants of the decoder graphs (GroupQueryAttention)"):
+                    files, variant_report = write_decoder_variants(
+                        stage, {g.name: g.path for g in result.graphs}, int(result.info["vocab_size"]), progress)
+                progress.info(f"  ONNX Runtime variant parity (vs fused graphs): max abs diff "
+                              f"{variant_report.worst:.3g}, relative to output scale {variant_report.worst_rel:.3g}")
+                variant_report.check("ONNX Runtime variant of the fused graphs", stage="rewrite")
+                for name, file in files.items():
+                    graph_extras[name]["ort_file"] = file
         tok = save_tokenizer(tokenizer, stage)
         model_info = {
             "family": family.name,

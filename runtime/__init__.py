@@ -47,8 +47,8 @@ def _ort_files(bundle: Path, manifest: dict, precision) -> dict:
     from fastertrt.errors import BundleError
 
     precision = precision or manifest.get("default_precision", "fp32")
-    if precision != "int8":
-        return {name: g["file"] for name, g in manifest["graphs"].items()}
+    if precision != "int8":  # the ORT variant (ORT's own fused operators) where the bundle has one
+        return {name: g.get("ort_file", g["file"]) for name, g in manifest["graphs"].items()}
     int8 = manifest.get("int8", {}).get("graphs", {})
     missing = [name for name in manifest["graphs"] if name not in int8]
     if missing:

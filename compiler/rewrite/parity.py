@@ -47,7 +47,7 @@ def _beam_feeds(rng, batch: int, beams: int, vocab: int) -> dict:
     return {"beam_scores": -3 * rng.random((batch, beams), dtype=np.float32), "token_bias": bias}
 
 
-def check_decoder(graphs: dict, vocab: int, report: ParityReport) -> None:
+def check_decoder(graphs: dict, vocab: int, report: ParityReport, decode_lengths=(1, 2)) -> None:
     """graphs: {"prefill": (exported, fused), "decode": (exported, fused)}. Prefill
     a ragged left-padded batch of 3 prompts x 2 beams, then decode steps of 1 and
     2 tokens with a beam reorder, fed with the exported graph's own cache, so each
@@ -68,7 +68,7 @@ def check_decoder(graphs: dict, vocab: int, report: ParityReport) -> None:
     dec_names = [o.name for o in ref_dec.get_outputs()]
     past = [r for name, r in zip(names, ref) if name.startswith("present.")]
     parents = (np.arange(batch)[:, None] * beams + np.array([1, 1])[None, :]).reshape(-1)
-    for n in (1, 2):
+    for n in decode_lengths:
         mask = np.concatenate([mask, np.ones((mask.shape[0], n), dtype=np.int64)], axis=1)
         pos = pos[:, -1:] + np.arange(1, n + 1)[None, :]
         feeds = {"input_ids": _ids(rng, vocab, (mask.shape[0], n)), "attention_mask": mask, "position_ids": pos,
