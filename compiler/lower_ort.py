@@ -37,9 +37,10 @@ def _attr(node, name, default=None):
     return default
 
 
-def lower_for_onnxruntime(model, causal_lm: bool = False):
+def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None):
     """A new ModelProto and {what: count} of the rewrites made. causal_lm: the
-    graph is a causal decoder's (its attention masks are causal)."""
+    graph is a causal decoder's (its attention masks are causal). base_dir: where
+    external weights live, for reading small constants (eps, exponents)."""
     import onnx
     from fastertrt.plugins import ORT_LOWERINGS
     from onnx import TensorProto, helper, numpy_helper
@@ -52,8 +53,18 @@ def lower_for_onnxruntime(model, causal_lm: bool = False):
 
     def arr(name):
         if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
+            arrays[name] = numpy_helper.to_array(inits[name], base_dir=str(base_dir or ""))
         return arrays[name]
+
+    def scalar(name) -> float | None:
+        """The value of a one-element constant (initializer or Constant node)."""
+        if name in inits:
+            value = arr(name)
+        elif name in producer and producer[name].op_type == "Constant":
+            value = numpy_helper.to_array(producer[name].attribute[0].t)
+        else:
+            return None
+        return float(value.reshape(-1)[0]) if value.size == 1 else None
 
     producer, consumers = _maps(graph)
     consts: dict[str, np.ndarray] = {}
@@ -85,8 +96,47 @@ def lower_for_onnxruntime(model, causal_lm: bool = False):
             return None
         return dq, w
 
+    def only_use(name, op_type):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def rms_norm(pow_node):
+        """x -> Pow 2 -> ReduceMean(last axis) -> Add eps -> Sqrt -> Reciprocal -> Mul x -> Mul w
+        (transformers' RMSNorm): (nodes, x, w, eps, output) or None."""
+        x = pow_node.input[0]
+        if scalar(pow_node.input[1]) != 2.0:
+            return None
+        mean = only_use(pow_node.output[0], "ReduceMean")
+        if mean is None or _attr(mean, "keepdims", 1) != 1:
+            return None
+        axes = _attr(mean, "axes") or ([scalar(mean.input[1])] if len(mean.input) > 1 else None)
+        add = only_use(mean.output[0], "Add") if axes in ([-1], [-1.0]) else None
+        if add is None:
+            return None
+        eps = scalar(add.input[1] if add.input[0] == mean.output[0] else add.input[0])
+        sqrt = only_use(add.output[0], "Sqrt") if eps is not None else None
+        inv = only_use(sqrt.output[0], "Reciprocal") if sqrt is not None else None
+        norm = only_use(inv.output[0], "Mul") if inv is not None else None
+        if norm is None or x not in norm.input:
+            return None
+        scale = only_use(norm.output[0], "Mul")
+        if scale is None:
+            return None
+        w = scale.input[0] if scale.input[1] == norm.output[0] else scale.input[1]
+        if w not in inits or len(inits[w].dims) != 1:
+            return None
+        return [pow_node, mean, add, sqrt, inv, norm, scale], x, w, eps, scale.output[0]
+
     for node in graph.node:
-        if node.op_type in ("MatMul", "Gemm"):
+        if node.op_type == "Pow" and (found := rms_norm(node)) is not None:
+            chain, x, w, eps, out_name = found
+            replace[id(chain[0])] = [helper.make_node("SimplifiedLayerNormalization", [x, w], [out_name],
+                                                      name=f"{node.name}_rms_norm", axis=-1, epsilon=eps,
+                                                      stash_type=1)]
+            for extra in chain[1:]:
+                replace[id(extra)] = []
+            counts["RMSNorm -> SimplifiedLayerNormalization"] += 1
+        elif node.op_type in ("MatMul", "Gemm"):
             q = int8_q(node.input[0])
             wq = int8_weight(node.input[1])
             if q is None or wq is None:
@@ -201,7 +251,8 @@ def write_decoder_variants(stage, graphs: dict, vocab: int, progress=None) -> tu
     files, pairs = {}, {}
     for name, fused in graphs.items():
         dst = fused.with_name(f"{name}.ort.onnx")
-        lowered, counts = lower_for_onnxruntime(onnx.load(str(fused), load_external_data=False), causal_lm=True)
+        lowered, counts = lower_for_onnxruntime(onnx.load(str(fused), load_external_data=False), causal_lm=True,
+                                                base_dir=fused.parent)
         tmp = dst.with_name(dst.name + ".tmp")
         onnx.save(lowered, str(tmp))
         os.replace(tmp, dst)
