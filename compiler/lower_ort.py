@@ -37,10 +37,11 @@ def _attr(node, name, default=None):
     return default
 
 
-def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None):
+def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None, max_positions: int = 0):
     """A new ModelProto and {what: count} of the rewrites made. causal_lm: the
     graph is a causal decoder's (its attention masks are causal). base_dir: where
-    external weights live, for reading small constants (eps, exponents)."""
+    external weights live, for reading small constants (eps, exponents).
+    max_positions: the model's positions (the size of rotary tables)."""
     import onnx
     from fastertrt.plugins import ORT_LOWERINGS
     from onnx import TensorProto, helper, numpy_helper
@@ -56,17 +57,21 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None):
             arrays[name] = numpy_helper.to_array(inits[name], base_dir=str(base_dir or ""))
         return arrays[name]
 
-    def scalar(name) -> float | None:
-        """The value of a one-element constant (initializer or Constant node)."""
+    def const(name) -> np.ndarray | None:
+        """The value of a constant (initializer or Constant node), else None."""
         if name in inits:
-            value = arr(name)
-        elif name in producer and producer[name].op_type == "Constant":
-            value = numpy_helper.to_array(producer[name].attribute[0].t)
-        else:
-            return None
-        return float(value.reshape(-1)[0]) if value.size == 1 else None
+            return arr(name)
+        if name in producer and producer[name].op_type == "Constant":
+            return numpy_helper.to_array(producer[name].attribute[0].t)
+        return None
+
+    def scalar(name) -> float | None:
+        value = const(name)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
     producer, consumers = _maps(graph)
+    view = GraphView(producer, consumers, lambda name: const(name), {i.name for i in graph.input},
+                     {o.name for o in graph.output}, max_positions)
     consts: dict[str, np.ndarray] = {}
     replace: dict[int, list] = {}  # id(node) -> nodes standing in its place
     counts = collections.Counter()
@@ -198,11 +203,14 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None):
             counts["embedding Gather on INT8 rows"] += 1
         elif node.domain == "fastertrt" and node.op_type in ORT_LOWERINGS:
             nodes = importlib.import_module(ORT_LOWERINGS[node.op_type]).lower(node, consts, causal_lm=causal_lm,
-                                                                                made=made)
+                                                                                made=made, graph=view)
             if nodes is not None:
                 replace[id(node)] = nodes
-                fused = next((n.op_type for n in nodes if n.domain == "com.microsoft"), nodes[0].op_type)
-                counts[f"{node.op_type} -> {fused}"] += 1
+                ops = [n.op_type for n in nodes if n.domain == "com.microsoft"]
+                main = next((op for op in ops if op != "RotaryEmbedding"), nodes[0].op_type)
+                counts[f"{node.op_type} -> {main}"] += 1
+                if ops.count("RotaryEmbedding"):
+                    counts["rotary -> RotaryEmbedding"] += ops.count("RotaryEmbedding")
 
     nodes = []
     for node in graph.node:
@@ -223,6 +231,23 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None):
     return out, dict(counts)
 
 
+class GraphView:
+    """What a plugin's ORT lowering may read around its node: producers and
+    consumers by value name, constants, the graph's input names."""
+
+    def __init__(self, producer: dict, consumers: dict, const, inputs: set, outputs: set, max_positions: int):
+        self.producer, self.consumers, self.const = producer, consumers, const
+        self.inputs, self.outputs, self.max_positions = inputs, outputs, max_positions
+
+    def made_by(self, name: str, *op_types: str):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type in op_types else None
+
+    def uses(self, name: str) -> list:
+        """Nodes that read the value (a graph output counts as one more use)."""
+        return self.consumers.get(name, []) + ([None] if name in self.outputs else [])
+
+
 def _drop_dead(nodes: list, outputs: set) -> list:
     """Remove nodes none of whose outputs is used (repeatedly)."""
     while True:
@@ -233,12 +258,13 @@ def _drop_dead(nodes: list, outputs: set) -> list:
         nodes = live
 
 
-def write_decoder_variants(stage, graphs: dict, vocab: int, progress=None) -> tuple[dict, object]:
+def write_decoder_variants(stage, graphs: dict, vocab: int, max_positions: int,
+                           progress=None) -> tuple[dict, object]:
     """`{name}.ort.onnx` next to each fused decoder graph (sharing its weights
     file), checked against it on ONNX Runtime (prefill, then one-token decode
     steps: GroupQueryAttention takes several new tokens with a cache only at
     batch 1, and the runtime decodes one at a time). graphs: name -> fused file.
-    Returns ({name: variant file name}, parity report)."""
+    Returns ({name: {"ort_file", "ort_lowered"}}, parity report)."""
     import os
 
     import onnx
@@ -252,13 +278,13 @@ def write_decoder_variants(stage, graphs: dict, vocab: int, progress=None) -> tu
     for name, fused in graphs.items():
         dst = fused.with_name(f"{name}.ort.onnx")
         lowered, counts = lower_for_onnxruntime(onnx.load(str(fused), load_external_data=False), causal_lm=True,
-                                                base_dir=fused.parent)
+                                                base_dir=fused.parent, max_positions=max_positions)
         tmp = dst.with_name(dst.name + ".tmp")
         onnx.save(lowered, str(tmp))
         os.replace(tmp, dst)
         progress.info(f"    {name}: ONNX Runtime variant {dst.name}: "
                       + (", ".join(f"{k} {v}" for k, v in counts.items()) or "no changes"))
-        files[name], pairs[name] = dst.name, (fused, dst)
+        files[name], pairs[name] = {"ort_file": dst.name, "ort_lowered": counts}, (fused, dst)
     report = ParityReport()
     rewrite_parity.check_decoder(pairs, vocab, report, decode_lengths=(1,))
     return files, report

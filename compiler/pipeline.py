@@ -103,12 +103,13 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
 
                 with progress.step("ONNX Runtime variants of the decoder graphs (GroupQueryAttention)"):
                     files, variant_report = write_decoder_variants(
-                        stage, {g.name: g.path for g in result.graphs}, int(result.info["vocab_size"]), progress)
+                        stage, {g.name: g.path for g in result.graphs}, int(result.info["vocab_size"]),
+                        _max_length(torch_model, family, pooling) + family.position_offset, progress)
                 progress.info(f"  ONNX Runtime variant parity (vs fused graphs): max abs diff "
                               f"{variant_report.worst:.3g}, relative to output scale {variant_report.worst_rel:.3g}")
                 variant_report.check("ONNX Runtime variant of the fused graphs", stage="rewrite")
-                for name, file in files.items():
-                    graph_extras[name]["ort_file"] = file
+                for name, entry in files.items():
+                    graph_extras[name].update(entry)
         tok = save_tokenizer(tokenizer, stage)
         model_info = {
             "family": family.name,

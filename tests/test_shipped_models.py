@@ -85,7 +85,12 @@ SMOL_BEAM_CASES = [
     dict(num_beams=4, early_stopping=True),
     dict(num_beams=4, length_penalty=0.7, num_return_sequences=2),
     dict(num_beams=4, early_stopping=False, length_penalty=0.0, eos="hot"),
+    # chat prompts: the model's own eos (<|im_end|>) ends answers early
+    dict(num_beams=1, eos="model"),
+    dict(num_beams=4, early_stopping=True, length_penalty=0.0, eos="model"),
 ]
+CHAT = ["<|im_start|>user\nReply with one word: is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_smollm2_beam_search_matches_transformers_generate(bundles):
@@ -100,19 +105,23 @@ def test_smollm2_beam_search_matches_transformers_generate(bundles):
     tok = src.load_tokenizer()
     tok.padding_side = "left"
     model = src.load_torch("sdpa")
-    prompts = ["The capital of France is", "Write a haiku about the sea:\n"]
-    batch = tok(prompts, padding=True, return_tensors="pt")
-    greedy = dec.generate(prompts, max_new_tokens=4).sequences
+    plain = ["The capital of France is", "Write a haiku about the sea:\n"]
+    greedy = dec.generate(plain, max_new_tokens=4).sequences
     hot = [int(greedy[0, -2])]  # a token greedy search emits early: as eos it ends hypotheses
     for case in SMOL_BEAM_CASES:
         kw = {k: v for k, v in case.items() if k != "eos"}
+        prompts, new = (CHAT, 12) if case.get("eos") == "model" else (plain, 8)
         if case.get("eos") == "hot":
             kw["eos_token_id"] = hot
-        got = dec.generate(prompts, max_new_tokens=8, **kw)
+        got = dec.generate(prompts, max_new_tokens=new, **kw)
         with torch.no_grad():
-            ref = model.generate(**batch, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
-                                 output_scores=True, pad_token_id=dec.pad_token_id, **kw)
+            ref = model.generate(**tok(prompts, padding=True, return_tensors="pt"), max_new_tokens=new,
+                                 do_sample=False, return_dict_in_generate=True, output_scores=True,
+                                 pad_token_id=dec.pad_token_id, **kw)
         np.testing.assert_array_equal(got.sequences, ref.sequences.numpy(), err_msg=str(case))
-        np.testing.assert_allclose(got.scores, ref.sequences_scores.numpy(), atol=1e-4, rtol=0, err_msg=str(case))
-        if case.get("eos") == "hot":
-            assert any(t[-1] in hot and len(t) < 8 for t in got.new_tokens)
+        if kw["num_beams"] > 1:
+            np.testing.assert_allclose(got.scores, ref.sequences_scores.numpy(), atol=1e-4, rtol=0,
+                                       err_msg=str(case))
+        if case.get("eos"):
+            eos = hot if case["eos"] == "hot" else dec.eos_token_id
+            assert any(t[-1] in eos and len(t) < new for t in got.new_tokens), case

@@ -70,6 +70,9 @@ def describe(bundle) -> tuple[str, dict]:
         for plugin, r in (g.get("rewrite") or {}).items():
             rules = ", ".join(f"{k} {v}" for k, v in r["by_rule"].items() if v)
             lines.append(f"           {plugin}: fused {r['fused']} of {r['blocks']} blocks ({rules or 'no rule applied'})")
+        if g.get("ort_file"):
+            lowered = ", ".join(f"{k} {v}" for k, v in (g.get("ort_lowered") or {}).items())
+            lines.append(f"           ONNX Runtime runs {g['ort_file']}" + (f" ({lowered})" if lowered else ""))
         for direction in ("inputs", "outputs"):
             for name, dtype, shape in _grouped(g[direction]):
                 lines.append(f"           {'in' if direction == 'inputs' else 'out':<3} {name:<40} {dtype:<8} {_dims(shape)}")

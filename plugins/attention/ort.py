@@ -40,16 +40,18 @@ def node_attrs(node) -> AttentionAttrs:
     return AttentionAttrs.from_dict({k: v for k, v in values.items() if not isinstance(v, bytes)})
 
 
-def lower(node, consts: dict, causal_lm: bool = False, made: set | None = None) -> list | None:
+def lower(node, consts: dict, causal_lm: bool = False, made: set | None = None, graph=None) -> list | None:
     """Replacement nodes for one plugin node, or None when ORT has no equal op.
     consts: a dict the caller turns into initializers (shared between nodes).
     causal_lm: the node is in a causal decoder graph (its mask is causal).
-    made: names of values already computed for an earlier node of this graph."""
+    made: names of values already computed for an earlier node of this graph.
+    graph: a compiler.lower_ort.GraphView around the node (finds the rotary
+    embedding that feeds query and key)."""
     from onnx import helper
 
     attrs = node_attrs(node)
     if causal_lm and attrs.has_mask and not attrs.qkv_packed:
-        return _group_query_attention(node, attrs, consts, made if made is not None else set())
+        return _group_query_attention(node, attrs, consts, made if made is not None else set(), graph)
     if why_not(attrs):
         return None
     h, d = attrs.num_heads, attrs.head_size
@@ -70,7 +72,7 @@ def lower(node, consts: dict, causal_lm: bool = False, made: set | None = None) 
     return nodes
 
 
-def _group_query_attention(node, attrs: AttentionAttrs, consts: dict, made: set) -> list:
+def _group_query_attention(node, attrs: AttentionAttrs, consts: dict, made: set, graph=None) -> list:
     from onnx import TensorProto, helper
 
     hq, hkv, d = attrs.num_heads, attrs.kv_num_heads, attrs.head_size
@@ -87,6 +89,11 @@ def _group_query_attention(node, attrs: AttentionAttrs, consts: dict, made: set)
         return output
 
     for i, (name, heads) in enumerate(zip(node.input[:3], (hq, hkv, hkv))):
+        rope = rotary_embedding(graph, name, d, consts) if graph is not None and i < 2 else None
+        if rope is not None:  # one RotaryEmbedding instead of the exporter's rotate-half chain
+            x, pos, cos, sin = rope
+            name = add("RotaryEmbedding", [x, pos, cos, sin], f"{base}_in{i}_rope", domain="com.microsoft",
+                       interleaved=0)
         t = add("Transpose", [name], f"{base}_in{i}_bshd", perm=[0, 2, 1, 3])
         flat.append(add("Reshape", [t, f"fastertrt_bsd_{heads * d}"], f"{base}_in{i}_bsd"))
     past = list(node.input[3:5]) if attrs.has_past else ["", ""]
@@ -109,3 +116,122 @@ def _group_query_attention(node, attrs: AttentionAttrs, consts: dict, made: set)
     heads = add("Reshape", [f"{base}_bsd", f"fastertrt_bshd_{hq}_{d}"], f"{base}_bshd")
     nodes.append(helper.make_node("Transpose", [heads], [node.output[0]], name=f"{base}_out", perm=[0, 2, 1, 3]))
     return nodes
+
+
+def rotary_embedding(graph, name: str, head_size: int, consts: dict):
+    """(x, position_ids, cos table, sin table) when `name` is transformers' rotary
+    embedding of x [B, H, S, D] (rotate-half form) at the graph's position ids,
+    used only by the attention node:
+
+        Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, D/2:)), Slice(x, :D/2)), sin))
+        cos/sin = Unsqueeze([Mul(scale)](Cos/Sin(Concat(f, f)))),  f = Mul(Cast(Unsqueeze(position_ids)), inv_freq)
+
+    The tables hold what the graph computes for every position, made by ONNX
+    Runtime from the same float32 ops, so the lowered graph's values equal the
+    exported ones. None when anything differs."""
+    if graph.max_positions < 1 or len(graph.uses(name)) != 1:
+        return None
+    add = graph.made_by(name, "Add")
+    muls = [graph.made_by(i, "Mul") for i in add.input] if add is not None else [None]
+    if None in muls:
+        return None
+    for plain, rotated in (muls, muls[::-1]):
+        for x, cos in (plain.input, plain.input[::-1]):
+            half = _rotate_half_of(graph, rotated, x, head_size)
+            if half is None:
+                continue
+            found = [_angle_table(graph, v, fn) for v, fn in ((cos, "Cos"), (half, "Sin"))]
+            if None in found or found[0][:2] != found[1][:2] or not np.array_equal(found[0][2], found[1][2]):
+                continue
+            (pos, freqs, inv_freq, scale_c), (_, _, _, scale_s) = found
+            if scale_c != scale_s:
+                continue
+            key = f"fastertrt_rope_{abs(hash((inv_freq.tobytes(), scale_c, graph.max_positions)))}"
+            if f"{key}_cos" not in consts:
+                consts[f"{key}_cos"], consts[f"{key}_sin"] = _rope_tables(inv_freq, scale_c, graph.max_positions)
+            return x, pos, f"{key}_cos", f"{key}_sin"
+    return None
+
+
+def _rotate_half_of(graph, mul, x: str, d: int):
+    """The other operand of mul = Mul(Concat(Neg(Slice(x, D/2:)), Slice(x, :D/2)), other)."""
+    for cat_name, other in (mul.input, mul.input[::-1]):
+        cat = graph.made_by(cat_name, "Concat")
+        if cat is None or len(cat.input) != 2 or _axis(cat) not in (-1, 3):
+            continue
+        neg = graph.made_by(cat.input[0], "Neg")
+        upper = graph.made_by(neg.input[0], "Slice") if neg is not None else None
+        lower = graph.made_by(cat.input[1], "Slice")
+        if upper is None or lower is None or upper.input[0] != x or lower.input[0] != x:
+            continue
+        if _slice(graph, upper) == (d // 2, None) and _slice(graph, lower) == (0, d // 2):
+            return other
+    return None
+
+
+def _axis(node) -> int | None:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None)
+
+
+def _slice(graph, node):
+    """(start, end) of a Slice over the last axis with step 1; end None when open."""
+    vals = [graph.const(i) if i else None for i in list(node.input[1:]) + [""] * (4 - len(node.input[1:]))]
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes.reshape(-1)[0]) not in (-1, 3)):
+        return None
+    if steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    end = int(ends.reshape(-1)[0])
+    return int(starts.reshape(-1)[0]), (None if end >= 1 << 30 else end)
+
+
+def _angle_table(graph, name: str, fn: str):
+    """(position input, freqs value, inv_freq, scale) for name = Unsqueeze([Mul(scale)](fn(Concat(f, f))))."""
+    node = graph.made_by(name, "Unsqueeze")
+    node = graph.producer.get(node.input[0]) if node is not None else None
+    scale = 1.0
+    if node is not None and node.op_type == "Mul":
+        consts_ = [graph.const(i) for i in node.input]
+        k = next((j for j, c in enumerate(consts_) if c is not None and c.size == 1), None)
+        if k is None:
+            return None
+        scale = float(consts_[k].reshape(-1)[0])
+        node = graph.producer.get(node.input[1 - k])
+    if node is None or node.op_type != fn:
+        return None
+    cat = graph.made_by(node.input[0], "Concat")
+    if cat is None or len(cat.input) != 2 or cat.input[0] != cat.input[1]:
+        return None
+    freqs = graph.made_by(cat.input[0], "Mul")
+    if freqs is None:
+        return None
+    for pos_name, inv_name in (freqs.input, freqs.input[::-1]):
+        inv_freq = graph.const(inv_name)
+        cast = graph.made_by(pos_name, "Cast")
+        unsq = graph.made_by(cast.input[0], "Unsqueeze") if cast is not None else None
+        if inv_freq is None or inv_freq.ndim != 1 or unsq is None or unsq.input[0] not in graph.inputs:
+            continue
+        return unsq.input[0], cat.input[0], inv_freq.astype(np.float32), scale
+    return None
+
+
+def _rope_tables(inv_freq: np.ndarray, scale: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, D/2] computed by ONNX Runtime with the graph's own float32
+    ops (Mul, Cos/Sin, Mul by scale), so each entry equals what the graph makes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Mul", ["pos", "inv"], ["f"]), helper.make_node("Cos", ["f"], ["c"]),
+             helper.make_node("Sin", ["f"], ["s"]), helper.make_node("Mul", ["c", "k"], ["cos"]),
+             helper.make_node("Mul", ["s", "k"], ["sin"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+              for n, shape in (("pos", [positions, 1]), ("inv", [len(inv_freq)]), ("k", []))]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("cos", "sin")]
+    model = helper.make_model(helper.make_graph(nodes, "rope", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pos = np.arange(positions, dtype=np.float32)[:, None]
+    cos, sin = sess.run(None, {"pos": pos, "inv": inv_freq, "k": np.array(scale, dtype=np.float32)})
+    return cos, sin
