@@ -1,8 +1,8 @@
 """The onnxscript rewrite rule that replaces the beam-search tail of a decode
 step with the plugin node.
 
-Matched structure (the dynamo export of transformers-style beam search; Add
-operands in either order):
+Matched structure (transformers-style beam search as the dynamo and TorchScript
+exporters write it; Add operands in either order):
 
       logits [N, V]
          |
@@ -21,9 +21,11 @@ operands in either order):
             |          |
          scores      flat
                     /     \\
-             Mod(V)        Div(V)   |   Cast(float) -> Div(V.) -> Floor -> Cast(int64)
-               |             |
+             Mod(V)        Div(V)   |   Cast(float) -> Div(V.) -> Floor -> Cast(int64)   (dynamo)
+               |             |      |   Where(sign correction, Div(V) - 1, Div(V))       (TorchScript)
             tokens         beams
+
+V may be a constant or read from the logits' shape (TorchScript).
 
 The plugin outputs INT32 ids; Casts to INT64 keep the graph's output types.
 k and the flattening shape are checked by evaluating the exporter's shape
@@ -74,9 +76,9 @@ _EVAL_OPS = {
 }
 
 
-def evaluate(value, source, source_shape: list[int], depth: int = 0) -> np.ndarray:
-    """The value of a small shape computation, with Shape(source) taken as
-    `source_shape` and every other leaf a constant; _NotEvaluable otherwise."""
+def evaluate(value, shapes: list, depth: int = 0) -> np.ndarray:
+    """The value of a small shape computation whose leaves are constants and
+    Shape(v) for the (value, shape) pairs in `shapes`; _NotEvaluable otherwise."""
     if value is None or depth > 16:
         raise _NotEvaluable("too deep")
     if value.const_value is not None:
@@ -87,12 +89,13 @@ def evaluate(value, source, source_shape: list[int], depth: int = 0) -> np.ndarr
     op = node.op_type
 
     def arg(i):
-        return evaluate(node.inputs[i], source, source_shape, depth + 1)
+        return evaluate(node.inputs[i], shapes, depth + 1)
 
     if op == "Shape":
-        if node.inputs[0] is not source:
+        known = [shape for v, shape in shapes if v is node.inputs[0]]
+        if not known:
             raise _NotEvaluable(f"Shape of {node.inputs[0].name}")
-        full = np.asarray(source_shape, dtype=np.int64)
+        full = np.asarray(known[0], dtype=np.int64)
         start, end = _attr(node, "start", 0), _attr(node, "end", None)
         return full[start:end]
     if op == "Constant":
@@ -120,14 +123,20 @@ def evaluate(value, source, source_shape: list[int], depth: int = 0) -> np.ndarr
         x, starts, ends = arg(0), arg(1), arg(2)
         return x[int(starts.reshape(-1)[0]):int(ends.reshape(-1)[0])]
     if op == "Concat":
-        return np.concatenate([evaluate(v, source, source_shape, depth + 1).reshape(-1) for v in node.inputs])
+        return np.concatenate([evaluate(v, shapes, depth + 1).reshape(-1) for v in node.inputs])
     raise _NotEvaluable(f"{op} in a shape computation")
 
 
-def _candidates(k_value, beam_scores) -> int | str:
+def _example_shapes(beam_scores, logits, vocab: int, beams: int) -> list:
+    """Shapes for 3 prompts x `beams` beams: what k and the flattening may read."""
+    return [(beam_scores, [3, beams]), (logits, [3 * beams, vocab])]
+
+
+def _candidates(k_value, beam_scores, logits, vocab: int) -> int | str:
     """c when k == c * beam_scores.shape[1] for every beam count; else why not."""
     try:
-        ks = [int(np.asarray(evaluate(k_value, beam_scores, [3, beams])).reshape(-1)[0]) for beams in (1, 2, 5)]
+        ks = [int(np.asarray(evaluate(k_value, _example_shapes(beam_scores, logits, vocab, beams))).reshape(-1)[0])
+              for beams in (1, 2, 5)]
     except _NotEvaluable as exc:
         return f"TopK's k is not computed from the beam count ({exc})"
     c = ks[0]
@@ -136,11 +145,12 @@ def _candidates(k_value, beam_scores) -> int | str:
     return c
 
 
-def _flattens_beams(shape_value, beam_scores, vocab: int) -> str | None:
+def _flattens_beams(shape_value, beam_scores, logits, vocab: int) -> str | None:
     """None when the Reshape makes [B, K*V] of [B*K, V] for any B, K."""
     try:
         for beams in (1, 2, 5):
-            got = [int(x) for x in np.asarray(evaluate(shape_value, beam_scores, [3, beams])).reshape(-1)]
+            shapes = _example_shapes(beam_scores, logits, vocab, beams)
+            got = [int(x) for x in np.asarray(evaluate(shape_value, shapes)).reshape(-1)]
             if got not in ([3, beams * vocab], [3, -1], [-1, beams * vocab]):
                 return f"the scores are reshaped to {got}, not [B, K*V] = [3, {beams * vocab}]"
     except _NotEvaluable as exc:
@@ -154,7 +164,9 @@ def _const(value) -> np.ndarray | None:
 
 def _make_rule(div_form: str):
     """div_form "int": Div(flat, V); "float": Cast(Floor(Div(Cast(flat), V))) (what
-    the dynamo exporter writes for `//` on int64)."""
+    the dynamo exporter writes for `//` on int64); "corrected": Div with
+    TorchScript's sign correction, Where(Xor(flat < 0, V < 0) & (flat % V != 0),
+    Div - 1, Div), which is Div for the non-negative indices of a top-k."""
     pattern = _pattern()
 
     class BeamStep(pattern.RewriteRuleClassBase):
@@ -171,8 +183,14 @@ def _make_rule(div_form: str):
             tokens = op.Mod(flat, vocab_mod, _outputs=["tokens"])
             if div_form == "int":
                 beams = op.Div(flat, vocab_div, _outputs=["beams"])
-            else:
+            elif div_form == "float":
                 beams = op.Cast(op.Floor(op.Div(op.Cast(flat), vocab_div)), _outputs=["beams"])
+            else:  # TorchScript's floor division of integers: truncation corrected for negative operands
+                zero, one = (pattern.Var(f"zero_{i}") for i in range(3)), pattern.Var("one")
+                quotient = op.Div(flat, vocab_div)
+                signs_differ = op.Xor(op.Less(flat, next(zero)), op.Less(vocab_div, next(zero)))
+                inexact = op.Not(op.Equal(op.Mod(flat, vocab_div), next(zero)))
+                beams = op.Where(op.And(signs_differ, inexact), op.Sub(quotient, one), quotient, _outputs=["beams"])
             return scores, tokens, beams
 
         def check(self, context, **b):
@@ -213,18 +231,28 @@ def plan_beam_step(b: dict, div_form: str = "int"):
             return f"the bias added to the log-probabilities has dims {bias_dims}, not [{vocab}]"
         if bias.dtype is None or bias.dtype.numpy() != np.float32:
             return "the bias added to the log-probabilities is not FP32"
-    if problem := _flattens_beams(b["flat_shape"], beam_scores, vocab):
+    if problem := _flattens_beams(b["flat_shape"], beam_scores, logits, vocab):
         return problem
     topk = b["scores"].producer()
     if _attr(topk, "axis", -1) not in (-1, 1) or _attr(topk, "largest", 1) != 1 or _attr(topk, "sorted", 1) != 1:
         return "TopK is not the sorted largest-k over the last axis"
-    c = _candidates(b["k"], beam_scores)
+    c = _candidates(b["k"], beam_scores, logits, vocab)
     if isinstance(c, str):
         return c
     for name in ("vocab_mod", "vocab_div"):
         v = _const(b[name])
+        if v is None:  # computed from the logits' shape (TorchScript exports)
+            try:
+                v = np.asarray(evaluate(b[name], _example_shapes(beam_scores, logits, vocab, 2)))
+            except _NotEvaluable:
+                v = None
         if v is None or v.size != 1 or float(v.reshape(-1)[0]) != vocab:
             return f"the flat index is split by {None if v is None else v.reshape(-1).tolist()}, not the vocabulary {vocab}"
+    if div_form == "corrected":
+        for name, want in (("zero_0", 0), ("zero_1", 0), ("zero_2", 0), ("one", 1)):
+            v = _const(b.get(name))
+            if v is None or v.size != 1 or int(v.reshape(-1)[0]) != want:
+                return "the floor division's sign correction compares with other constants than 0 and 1"
     if _attr(b["tokens"].producer(), "fmod", 0) != 0:
         return "the token is Mod with fmod=1"
     if b["beams"].dtype is None or b["beams"].dtype.numpy() != np.int64:
@@ -257,7 +285,8 @@ def rule_set():
     global _RULES
     if _RULES is None:
         pattern = _pattern()
-        _RULES = [("beam-step", pattern.RewriteRuleSet([_make_rule("int"), _make_rule("float")], commute=True))]
+        forms = ("int", "float", "corrected")
+        _RULES = [("beam-step", pattern.RewriteRuleSet([_make_rule(f) for f in forms], commute=True))]
     return _RULES
 
 

@@ -87,10 +87,12 @@ def test_bert_exports_fuse(tmp_path, exporter, impl):
 @pytest.mark.parametrize("exporter", sorted(EXPORTERS))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_llama_gqa_decode_step_exports_fuse(tmp_path, exporter, impl):
+    """The decode step (KV cache in, beam-search tail out) through the other
+    exporters: every attention block and the beam step fuse, same outputs."""
     import torch
 
-    from fastertrt.compiler.export.decoder import _next_inputs, example_prompt
-    from fastertrt.compiler.export.wrappers import DecoderGraph, position_ids_from_mask
+    from fastertrt.compiler.export.decoder import _next_inputs, _parents, beam_inputs, example_prompt
+    from fastertrt.compiler.export.wrappers import STEP_OUTPUTS, DecoderGraph, position_ids_from_mask
     from fastertrt.compiler.rewrite import rewrite_file
 
     dynamo, opset, rule = EXPORTERS[exporter]
@@ -98,31 +100,44 @@ def test_llama_gqa_decode_step_exports_fuse(tmp_path, exporter, impl):
     model.config._attn_implementation = impl
     layers = model.config.num_hidden_layers
     prefill, step = DecoderGraph(model, layers, False).eval(), DecoderGraph(model, layers, True).eval()
-    ids, mask = example_prompt(99, 2, 8)
-    pos = position_ids_from_mask(mask)
-    with torch.no_grad():
-        presents = prefill(ids, mask, pos)[1:]
-    new_ids, step_mask, step_pos = _next_inputs(ids, mask, pos, 2, 99)
-    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in presents))
-    ts_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-               "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
-    ts_axes.update({n: {0: "batch", 2: "past"} for n in step.input_names()[3:]})
-    ts_axes.update({n: {0: "batch", 2: "total"} for n in step.output_names()[1:]})
-    src, dst = tmp_path / "decode.onnx", tmp_path / "decode.fused.onnx"
-    _export(step, (new_ids, step_mask, step_pos, *presents), src, step.input_names(), step.output_names(),
-            dynamo, opset, dynamic, ts_axes)
-    (report,) = rewrite_file(src, dst)
-    expected_rule = rule if (dynamo and impl == "sdpa") or not dynamo else "core"
-    assert report.fused == report.blocks == layers and report.by_rule[expected_rule] == layers, report
-    assert report.by_rule["kv-cache"] == layers
 
-    ids3, mask3 = example_prompt(99, 3, 7, seed=1)
-    pos3 = position_ids_from_mask(mask3)
-    with torch.no_grad():
-        past = prefill(ids3, mask3, pos3)[1:]
+    def beams_of(batch, beams, seq, seed):
+        ids, mask = example_prompt(99, batch, seq, seed=seed)
+        ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
+        pos = position_ids_from_mask(mask)
+        scores, bias = beam_inputs(batch, beams, 99, seed=seed)
+        with torch.no_grad():
+            presents = prefill(ids, mask, pos, scores, bias)[len(STEP_OUTPUTS):]
+        return ids, mask, pos, presents
+
+    ids, mask, pos, presents = beams_of(2, 3, 8, 0)
+    new_ids, step_mask, step_pos = _next_inputs(ids, mask, pos, 2, 99)
+    scores, bias = beam_inputs(2, 3, 99, seed=1)
+    args = (new_ids, step_mask, step_pos, scores, bias, _parents(2, 3), *presents)
+    n, b, k, s, p, t = (torch.export.Dim(x) for x in ("rows", "batch", "beams", "seq", "past", "total"))
+    dynamic = ({0: n, 1: s}, {0: n, 1: t}, {0: n, 1: s}, {0: b, 1: k}, None, {0: n},
+               tuple({0: n, 2: p} for _ in presents))
+    ts_axes = {"input_ids": {0: "rows", 1: "seq"}, "attention_mask": {0: "rows", 1: "total"},
+               "position_ids": {0: "rows", 1: "seq"}, "beam_scores": {0: "batch", 1: "beams"},
+               "beam_idx": {0: "rows"}, "logits": {0: "rows"}}
+    ts_axes.update({o: {0: "batch", 1: "candidates"} for o in STEP_OUTPUTS[1:]})
+    ts_axes.update({x: {0: "rows", 2: "past"} for x in step.input_names() if x.startswith("past_key_values.")})
+    ts_axes.update({x: {0: "rows", 2: "total"} for x in step.output_names() if x.startswith("present.")})
+    src, dst = tmp_path / "decode.onnx", tmp_path / "decode.fused.onnx"
+    _export(step, args, src, step.input_names(), step.output_names(), dynamo, opset, dynamic, ts_axes)
+    reports = {r.plugin: r for r in rewrite_file(src, dst)}
+    attention, beam = reports["FastertrtAttention"], reports["FastertrtBeamStep"]
+    expected_rule = rule if (dynamo and impl == "sdpa") or not dynamo else "core"
+    assert attention.fused == attention.blocks == layers and attention.by_rule[expected_rule] == layers, attention
+    assert attention.by_rule["kv-cache"] == layers
+    assert beam.fused == beam.blocks == 1, beam
+
+    ids3, mask3, pos3, past = beams_of(3, 2, 7, 1)
     n_ids, n_mask, n_pos = _next_inputs(ids3, mask3, pos3, 1, 99)
-    feeds = {"input_ids": n_ids.numpy(), "attention_mask": n_mask.numpy(), "position_ids": n_pos.numpy()}
-    feeds.update({n: x.numpy() for n, x in zip(step.input_names()[3:], past)})
-    diff = _compare(src, dst, feeds, n_mask.numpy() > 0, lambda n: 1 if n == "logits" else 2)
+    scores, bias = beam_inputs(3, 2, 99, seed=2)
+    feeds = {"input_ids": n_ids.numpy(), "attention_mask": n_mask.numpy(), "position_ids": n_pos.numpy(),
+             "beam_scores": scores.numpy(), "token_bias": bias.numpy(), "beam_idx": _parents(3, 2).numpy()}
+    feeds.update({x: v.numpy() for x, v in zip(step.input_names()[6:], past)})
+    axes = {"logits": 1, "candidate_scores": None, "candidate_tokens": None, "candidate_beams": None}
+    diff = _compare(src, dst, feeds, n_mask.numpy() > 0, lambda x: axes.get(x, 2))
     assert diff <= tolerance("rewrite").atol
