@@ -71,7 +71,7 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None, max_pos
 
     producer, consumers = _maps(graph)
     view = GraphView(producer, consumers, lambda name: const(name), {i.name for i in graph.input},
-                     {o.name for o in graph.output}, max_positions)
+                     {o.name for o in graph.output}, max_positions, _shapes(graph))
     consts: dict[str, np.ndarray] = {}
     replace: dict[int, list] = {}  # id(node) -> nodes standing in its place
     counts = collections.Counter()
@@ -235,9 +235,11 @@ class GraphView:
     """What a plugin's ORT lowering may read around its node: producers and
     consumers by value name, constants, the graph's input names."""
 
-    def __init__(self, producer: dict, consumers: dict, const, inputs: set, outputs: set, max_positions: int):
+    def __init__(self, producer: dict, consumers: dict, const, inputs: set, outputs: set, max_positions: int,
+                 shapes: dict | None = None):
         self.producer, self.consumers, self.const = producer, consumers, const
         self.inputs, self.outputs, self.max_positions = inputs, outputs, max_positions
+        self.shapes = shapes or {}  # value name -> dims (ints, dim names) where the file records them
 
     def made_by(self, name: str, *op_types: str):
         node = self.producer.get(name)
@@ -246,6 +248,14 @@ class GraphView:
     def uses(self, name: str) -> list:
         """Nodes that read the value (a graph output counts as one more use)."""
         return self.consumers.get(name, []) + ([None] if name in self.outputs else [])
+
+
+def _shapes(graph) -> dict:
+    out = {}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            out[v.name] = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return out
 
 
 def _drop_dead(nodes: list, outputs: set) -> list:

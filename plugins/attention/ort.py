@@ -92,8 +92,16 @@ def _group_query_attention(node, attrs: AttentionAttrs, consts: dict, made: set,
         rope = rotary_embedding(graph, name, d, consts) if graph is not None and i < 2 else None
         if rope is not None:  # one RotaryEmbedding instead of the exporter's rotate-half chain
             x, pos, cos, sin = rope
+            x_bsd = _bsd_source(graph, x, heads, d)
+            if x_bsd is not None:  # rotate the projection's own [B, S, H*D] output: no layout change at all
+                flat.append(add("RotaryEmbedding", [x_bsd, pos, cos, sin], f"{base}_in{i}_rope_bsd",
+                                domain="com.microsoft", interleaved=0, num_heads=heads))
+                continue
             name = add("RotaryEmbedding", [x, pos, cos, sin], f"{base}_in{i}_rope", domain="com.microsoft",
                        interleaved=0)
+        elif graph is not None and (x_bsd := _bsd_source(graph, name, heads, d)) is not None:
+            flat.append(x_bsd)
+            continue
         t = add("Transpose", [name], f"{base}_in{i}_bshd", perm=[0, 2, 1, 3])
         flat.append(add("Reshape", [t, f"fastertrt_bsd_{heads * d}"], f"{base}_in{i}_bsd"))
     past = list(node.input[3:5]) if attrs.has_past else ["", ""]
@@ -235,3 +243,19 @@ def _rope_tables(inv_freq: np.ndarray, scale: float, positions: int) -> tuple[np
     pos = np.arange(positions, dtype=np.float32)[:, None]
     cos, sin = sess.run(None, {"pos": pos, "inv": inv_freq, "k": np.array(scale, dtype=np.float32)})
     return cos, sin
+
+
+def _bsd_source(graph, name: str, heads: int, d: int) -> str | None:
+    """X when name = Transpose(Reshape(X [B, S, heads*d]) to [B, S, heads, d], perm 0213):
+    the projection output GroupQueryAttention and RotaryEmbedding take as they are."""
+    from onnx import helper
+
+    tr = graph.made_by(name, "Transpose")
+    perm = next((helper.get_attribute_value(a) for a in tr.attribute if a.name == "perm"), None) if tr else None
+    rs = graph.made_by(tr.input[0], "Reshape") if tr is not None and list(perm or []) == [0, 2, 1, 3] else None
+    if rs is None:
+        return None
+    src, heads_view = graph.shapes.get(rs.input[0]), graph.shapes.get(rs.output[0])
+    if src is None or heads_view is None or len(src) != 3 or src[2] != heads * d or heads_view[2:] != [heads, d]:
+        return None
+    return rs.input[0]
