@@ -145,7 +145,6 @@ def test_tails_that_are_not_the_beam_step_stay(tmp_path, name):
 
 
 def test_onnx_function_matches_numpy_reference_with_ties_and_banned_tokens(tmp_path):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
