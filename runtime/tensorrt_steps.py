@@ -99,7 +99,9 @@ class TrtSteps:
     def _step(self, graph: str, feeds: dict):
         rows, seq = feeds["input_ids"].shape
         if rows > self.capacity[0] or feeds["attention_mask"].shape[1] > self.capacity[1]:
-            self.reserve(max(rows, self.capacity[0]), max(feeds["attention_mask"].shape[1] + 1, self.capacity[1]))
+            # growing would drop the cache mid-generation: the loops reserve before they prefill
+            raise RuntimeError(f"step of {rows} rows x {feeds['attention_mask'].shape[1]} positions exceeds the "
+                               f"reserved {self.capacity[0]} x {self.capacity[1]}; call reserve() before prefill")
         self._upload(feeds)
         g = self.graphs[graph]
         shapes = {n: feeds[n].shape for n in feeds}
