@@ -43,8 +43,9 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None, max_pos
     external weights live, for reading small constants (eps, exponents).
     max_positions: the model's positions (the size of rotary tables)."""
     import onnx
-    from fastertrt.plugins import ORT_LOWERINGS
     from onnx import TensorProto, helper, numpy_helper
+
+    from fastertrt.plugins import ORT_LOWERINGS
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -70,7 +71,7 @@ def lower_for_onnxruntime(model, causal_lm: bool = False, base_dir=None, max_pos
         return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
     producer, consumers = _maps(graph)
-    view = GraphView(producer, consumers, lambda name: const(name), {i.name for i in graph.input},
+    view = GraphView(producer, consumers, const, {i.name for i in graph.input},
                      {o.name for o in graph.output}, max_positions, _shapes(graph))
     consts: dict[str, np.ndarray] = {}
     replace: dict[int, list] = {}  # id(node) -> nodes standing in its place

@@ -79,6 +79,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             torch_model = source.load_torch(attn_implementation)
             tokenizer = tokenizer or source.load_tokenizer()
     pooling = source.sentence_pooling() if family.kind == "encoder" else None
+    max_length = _max_length(torch_model, family, pooling)
 
     with staging(Path(output), overwrite) as stage:
         if family.kind == "encoder":
@@ -104,7 +105,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
                 with progress.step("ONNX Runtime variants of the decoder graphs (GroupQueryAttention)"):
                     files, variant_report = write_decoder_variants(
                         stage, {g.name: g.path for g in result.graphs}, int(result.info["vocab_size"]),
-                        _max_length(torch_model, family, pooling) + family.position_offset, progress)
+                        max_length + family.position_offset, progress)
                 progress.info(f"  ONNX Runtime variant parity (vs fused graphs): max abs diff "
                               f"{variant_report.worst:.3g}, relative to output scale {variant_report.worst_rel:.3g}")
                 variant_report.check("ONNX Runtime variant of the fused graphs", stage="rewrite")
@@ -116,7 +117,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
             "model_type": source.model_type,
             "source": source.to_json(),
             "config_sha256": config_digest(source.config),
-            "max_length": _max_length(torch_model, family, pooling),
+            "max_length": max_length,
             **result.info,
             **_token_ids(torch_model, tokenizer),
         }

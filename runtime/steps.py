@@ -12,7 +12,21 @@ import numpy as np
 CANDIDATE_OUTPUTS = ("candidate_scores", "candidate_tokens", "candidate_beams")
 
 
-class OrtSteps:
+class StepFeeds:
+    """prefill/decode as the generation loops call them, turned into graph feeds;
+    a backend's session implements _run(graph name, feeds) -> candidates."""
+
+    def prefill(self, ids, mask, pos, beam_scores, bias):
+        return self._run("prefill", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                     "beam_scores": beam_scores, "token_bias": bias})
+
+    def decode(self, ids, mask, pos, beam_scores, bias, beam_idx):
+        return self._run("decode", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                    "beam_scores": beam_scores, "token_bias": bias,
+                                    "beam_idx": np.asarray(beam_idx, dtype=np.int64)})
+
+
+class OrtSteps(StepFeeds):
     def __init__(self, prefill, decode, candidates: int):
         self.graphs = {"prefill": prefill, "decode": decode}
         self.candidates = candidates
@@ -37,12 +51,3 @@ class OrtSteps:
         out = dict(zip(g.output_names, binding.get_outputs()))
         self.past = [out[n] for n in self.present_names]
         return tuple(out[n].numpy() for n in CANDIDATE_OUTPUTS)
-
-    def prefill(self, ids, mask, pos, beam_scores, bias):
-        return self._run("prefill", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                     "beam_scores": beam_scores, "token_bias": bias})
-
-    def decode(self, ids, mask, pos, beam_scores, bias, beam_idx):
-        return self._run("decode", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                    "beam_scores": beam_scores, "token_bias": bias,
-                                    "beam_idx": np.asarray(beam_idx, dtype=np.int64)})

@@ -18,9 +18,7 @@ import ctypes
 import numpy as np
 
 from fastertrt.runtime.gpu import check
-
-CANDIDATES = ("candidate_scores", "candidate_tokens", "candidate_beams")
-SMALL_INPUTS = ("input_ids", "attention_mask", "position_ids", "beam_scores", "token_bias", "beam_idx")
+from fastertrt.runtime.steps import CANDIDATE_OUTPUTS, StepFeeds
 
 
 class _Pinned:
@@ -41,7 +39,7 @@ class _Pinned:
         rt.cudaFreeHost(self.host_ptr)
 
 
-class TrtSteps:
+class TrtSteps(StepFeeds):
     def __init__(self, prefill, decode, candidates: int):
         self.graphs = {"prefill": prefill, "decode": decode}
         self.candidates = candidates
@@ -96,7 +94,7 @@ class TrtSteps:
             host[...] = arr
             check(self.rt.cudaMemcpyAsync(buf.device, buf.host_ptr, arr.nbytes, h2d, self.stream), "H2D")
 
-    def _step(self, graph: str, feeds: dict):
+    def _run(self, graph: str, feeds: dict):
         rows, seq = feeds["input_ids"].shape
         if rows > self.capacity[0] or feeds["attention_mask"].shape[1] > self.capacity[1]:
             # growing would drop the cache mid-generation: the loops reserve before they prefill
@@ -105,7 +103,7 @@ class TrtSteps:
         self._upload(feeds)
         g = self.graphs[graph]
         shapes = {n: feeds[n].shape for n in feeds}
-        addresses = {n: self.io[n].device for n in list(feeds) + ["logits", *CANDIDATES]}
+        addresses = {n: self.io[n].device for n in list(feeds) + ["logits", *CANDIDATE_OUTPUTS]}
         past = self.past_len if graph == "decode" else 0
         src, dst = self.parity, 1 - self.parity
         for past_name, present_name in zip(self.past_names, self.present_names):
@@ -119,7 +117,7 @@ class TrtSteps:
         width = beams * self.candidates
         out = []
         d2h = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, dtype in zip(CANDIDATES, (np.float32, np.int64, np.int64)):
+        for name, dtype in zip(CANDIDATE_OUTPUTS, (np.float32, np.int64, np.int64)):
             buf = self.io[name]
             nbytes = batch * width * np.dtype(dtype).itemsize
             check(self.rt.cudaMemcpyAsync(buf.host_ptr, buf.device, nbytes, d2h, self.stream), "D2H")
@@ -128,12 +126,3 @@ class TrtSteps:
         self.past_len = past + seq
         self.parity = dst
         return tuple(buf.view(dtype, (batch, width)).copy() for buf, dtype in out)
-
-    def prefill(self, ids, mask, pos, beam_scores, bias):
-        return self._step("prefill", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                      "beam_scores": beam_scores, "token_bias": bias})
-
-    def decode(self, ids, mask, pos, beam_scores, bias, beam_idx):
-        return self._step("decode", {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                     "beam_scores": beam_scores, "token_bias": bias,
-                                     "beam_idx": np.asarray(beam_idx, dtype=np.int64)})

@@ -11,8 +11,8 @@ import numpy as np
 
 from fastertrt.compiler.export.onnx_file import ATTN_HINT, export_graph
 from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session
-from fastertrt.compiler.export.shared_weights import share_weights
 from fastertrt.compiler.export.result import ExportedGraph, ExportResult
+from fastertrt.compiler.export.shared_weights import share_weights
 from fastertrt.compiler.export.wrappers import BEAM_CANDIDATES, STEP_OUTPUTS, DecoderGraph, position_ids_from_mask
 from fastertrt.progress import quiet
 
@@ -33,15 +33,16 @@ def _num_layers(config) -> int:
     return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
 
-def beam_inputs(batch: int, beams: int, vocab: int, seed: int = 0):
-    """Running beam scores [B, K] (as transformers starts them: 0 for beam 0,
-    -1e9 for the others, here with some noise so no two candidates tie) and a
-    token bias [V] with one banned token."""
+def beam_inputs(batch: int, beams: int, vocab: int, seed: int = 0, first_step: bool = False):
+    """Running beam scores [B, K] with some noise so no two candidates tie (at the
+    first step, as transformers starts them: beam 0 near 0, the others near -1e9)
+    and a token bias [V] with one banned token."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     scores = -torch.rand(batch, beams, generator=g) * 3
-    scores[:, 1:] -= 1e9 if seed == 0 else 0
+    if first_step:
+        scores[:, 1:] -= 1e9
     bias = torch.zeros(vocab)
     bias[vocab - 1] = -float("inf")
     return scores, bias
@@ -60,7 +61,7 @@ def export_decoder(model, out_dir: Path, parity: bool = True, attn_implementatio
     ids, mask = example_prompt(vocab, batch, 8)
     ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
     pos = position_ids_from_mask(mask)
-    scores, bias = beam_inputs(batch, beams, vocab)
+    scores, bias = beam_inputs(batch, beams, vocab, first_step=True)
     with torch.no_grad():
         presents = prefill(ids, mask, pos, scores, bias)[len(STEP_OUTPUTS):]
     kv_heads, head_dim = int(presents[0].shape[1]), int(presents[0].shape[3])
@@ -126,7 +127,7 @@ def check_decoder(prefill, step, out_dir: Path, vocab: int) -> ParityReport:
     ids, mask = example_prompt(vocab, batch, 7, seed=1)
     ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
     pos = position_ids_from_mask(mask)
-    scores, bias = beam_inputs(batch, beams, vocab)
+    scores, bias = beam_inputs(batch, beams, vocab, first_step=True)
     args = (ids, mask, pos, scores, bias)
     with torch.no_grad():
         ref = prefill(*args)

@@ -35,6 +35,9 @@ from __future__ import annotations
 import numpy as np
 
 from fastertrt.plugins.attention import spec
+from fastertrt.plugins.rewriting import dims as _dims
+from fastertrt.plugins.rewriting import fail as _fail
+from fastertrt.plugins.rewriting import pattern as _pattern
 
 _RULES = None
 
@@ -43,32 +46,6 @@ def _ir():
     import onnx_ir as ir
 
     return ir
-
-
-def _pattern():
-    from onnxscript.rewriter import pattern
-
-    return pattern
-
-
-def _fail(reason: str, *sources):
-    from onnxscript.rewriter import _basics
-
-    result = _basics.MatchResult()
-    return result.fail(reason, [s for s in sources if s is not None])
-
-
-def _dims(value):
-    """A value's dims as ints / symbolic names / None, or None when unknown."""
-    if value is None or value.shape is None:
-        return None
-    out = []
-    for d in value.shape:
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            out.append(str(d) if d.value is not None else None)
-    return out
 
 
 def _scalar(value) -> float | None:

@@ -38,27 +38,12 @@ from __future__ import annotations
 import numpy as np
 
 from fastertrt.plugins.beam_search import spec
+from fastertrt.plugins.rewriting import dims as _dims
+from fastertrt.plugins.rewriting import fail as _fail
+from fastertrt.plugins.rewriting import pattern as _pattern
 
 DOMAIN = spec.DOMAIN
 _RULES = None
-
-
-def _pattern():
-    from onnxscript.rewriter import pattern
-
-    return pattern
-
-
-def _fail(reason: str, *sources):
-    from onnxscript.rewriter import _basics
-
-    return _basics.MatchResult().fail(reason, [s for s in sources if s is not None])
-
-
-def _dims(value):
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else (str(d) if d.value is not None else None) for d in value.shape]
 
 
 def _attr(node, name, default):

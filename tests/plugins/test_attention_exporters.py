@@ -105,7 +105,7 @@ def test_llama_gqa_decode_step_exports_fuse(tmp_path, exporter, impl):
         ids, mask = example_prompt(99, batch, seq, seed=seed)
         ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
         pos = position_ids_from_mask(mask)
-        scores, bias = beam_inputs(batch, beams, 99, seed=seed)
+        scores, bias = beam_inputs(batch, beams, 99, seed=seed, first_step=seed == 0)
         with torch.no_grad():
             presents = prefill(ids, mask, pos, scores, bias)[len(STEP_OUTPUTS):]
         return ids, mask, pos, presents
