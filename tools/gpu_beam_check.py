@@ -235,9 +235,9 @@ def run(outdir: Path, json_path: Path | None, iters: int, warmup: int, only: str
         tensors = {"logits": logits, "beam_scores": beam_scores, "bias": bias, "scores": scores,
                    "tokens": tokens, "beams": beams}
         step = _fake_launch(torch, reference, tensors) if cpu_dry_run else launch.beam_step_launch
-        stream = 0 if cpu_dry_run else torch.cuda.current_stream().cuda_stream
-
         def ours():
+            # the stream is looked up per call: under CUDA-graph capture torch makes a side stream current
+            stream = 0 if cpu_dry_run else torch.cuda.current_stream().cuda_stream
             step(kernels[tag], cc, logits=logits.data_ptr(), logits_dtype=info["dtype"],
                  beam_scores=beam_scores.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
                  scores=scores.data_ptr(), tokens=tokens.data_ptr(), beams=beams.data_ptr(),
