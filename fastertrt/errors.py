@@ -44,6 +44,10 @@ class BundleError(FastertrtError):
     """A bundle folder cannot be loaded."""
 
 
+class StageRunError(BundleError):
+    """`fastertrt compare` could not run one stage of a bundle."""
+
+
 class BundleNotFoundError(BundleError):
     """The path is not a bundle (no manifest.json)."""
 

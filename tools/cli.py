@@ -45,7 +45,18 @@ examples:
   fastertrt bench minilm.bundle --batch 1 --seq 64 --no-torch
   fastertrt bench minilm-int8.bundle --int8-methods all      # + ORT dynamic INT8 (the peer) and each calibrator
 """
+EPILOG_COMPARE = """\
+examples:
+  fastertrt compare minilm.bundle                      # torch, model.onnx, fused.onnx, int8.onnx, runtime (+ engine on a GPU)
+  fastertrt compare minilm.bundle --text "My own sentence." --json report.json --plot layers.png
+  fastertrt compare minilm.bundle --stages fused,int8 --layers all      # error of every layer, passing or not
+  fastertrt compare bert.bundle --model ./my-bert-folder                # the torch side from another folder
+  fastertrt compare minilm.bundle --save-inputs in.json --save-outputs out.json
+  polygraphy run minilm.bundle/int8.onnx --onnxrt --load-inputs in.json   # replay what compare ran
+  fastertrt compare minilm.bundle --load-inputs in.json                 # or feed polygraphy's inputs back
 
+exit status: 0 when every stage is within tolerance of its upstream neighbour, 1 when one is not, 2 on bad input.
+"""
 
 EPILOG_BUILD = """\
 examples:
@@ -146,8 +157,8 @@ def _build_options(args):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastertrt",
-        description="Compile PyTorch transformers into deployable bundles (ONNX today; TensorRT engines "
-                    "and plugins as the later stages land) and run them without torch.",
+        description="Compile PyTorch transformers into deployable bundles (ONNX graphs with fastertrt's plugins, "
+                    "INT8 calibration, TensorRT engines), run them without torch, and find where numbers differ.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fastertrt COMMAND --help` for each command's options and examples.",
     )
@@ -224,6 +235,36 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    cp = sub.add_parser("compare", help="find where and why a bundle's numbers differ, stage by stage",
+                        epilog=EPILOG_COMPARE, formatter_class=fmt, description=(
+                            "Run the same inputs through torch, model.onnx, fused.onnx, int8.onnx, fastertrt's "
+                            "runtime and the engine (where a GPU and TensorRT are here) with polygraphy runners; "
+                            "compare each stage with its upstream neighbour under fastertrt's tolerance table "
+                            "(max abs/rel error and cosine per output); for a failing pair of ONNX stages, mark "
+                            "every intermediate tensor on both sides and name the first bad layer: its node, the "
+                            "plugin or Q/DQ scale involved, its inputs' statistics and what to do."))
+    cp.add_argument("bundle")
+    cp.add_argument("--model", default=None, help="the torch model to compare with: shipped name or Hugging Face "
+                    "folder (default: the bundle's source)")
+    cp.add_argument("--graph", action="append", default=None, help="graph to compare, repeatable (default: all; "
+                    "decoders have prefill and decode)")
+    cp.add_argument("--stages", default=None, help="comma list from torch,model,fused,int8,runtime,engine "
+                    "(default: every stage this machine can run)")
+    cp.add_argument("--text", action="append", default=None, help="input text, repeatable: one batch of these "
+                    "(default: sample sentences, two ragged batches)")
+    cp.add_argument("--load-inputs", default=None, metavar="FILE.json", help="inputs in polygraphy's JSON format")
+    cp.add_argument("--save-inputs", default=None, metavar="FILE.json", help="write the inputs (polygraphy's format; "
+                    "one file per graph: NAME.GRAPH.json for decoders)")
+    cp.add_argument("--save-outputs", default=None, metavar="FILE.json", help="write every stage's outputs "
+                    "(polygraphy's RunResults format)")
+    cp.add_argument("--layers", choices=("auto", "all", "none"), default="auto", help="first-bad-layer search: "
+                    "for failing pairs (auto, default), for every pair of ONNX stages (all), or none")
+    cp.add_argument("--max-tokens", type=int, default=64, help="truncate sample inputs to this many tokens (default 64)")
+    cp.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    cp.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG of the error per layer of each "
+                    "layer search")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
     b = sub.add_parser("bench", help="time the bundle against torch", epilog=EPILOG_BENCH, formatter_class=fmt,
                        description="Time torch eager (when installed) and the bundle on ONNX Runtime on the same "
                                    "inputs, each in its own process (for a fair peak RSS): encoder latency per "
@@ -250,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"compile": _compile, "build": _build, "calibrate": _calibrate, "run": _run, "inspect": _inspect, "bench": _bench}
+        commands = {"compile": _compile, "build": _build, "calibrate": _calibrate, "run": _run, "inspect": _inspect, "bench": _bench,
+                    "compare": _compare}
         return commands[args.command](args)
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -370,6 +412,32 @@ def _inspect(args) -> int:
     text, manifest = describe(args.bundle)
     print(json.dumps(manifest, indent=2) if args.json else text)
     return 0
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from fastertrt.progress import Progress
+    from fastertrt.tools.compare import CompareOptions, compare_bundle
+    from fastertrt.tools.compare.report import plot, text, write_json
+
+    opts = CompareOptions(graphs=args.graph, stages=args.stages.split(",") if args.stages else None,
+                          texts=args.text, load_inputs=args.load_inputs and Path(args.load_inputs),
+                          save_inputs=args.save_inputs and Path(args.save_inputs),
+                          save_outputs=args.save_outputs and Path(args.save_outputs), model=args.model,
+                          layers=args.layers, max_tokens=args.max_tokens)
+    report = compare_bundle(args.bundle, opts, Progress(enabled=not args.quiet))
+    print(text(report))
+    if args.json:
+        write_json(report, Path(args.json))
+        print(f"wrote {args.json}")
+    if args.plot:
+        if any(g["layers"] for g in report["graphs"]):
+            panels = plot(report, Path(args.plot))
+            print(f"wrote {args.plot} ({panels} layer search(es))")
+        else:
+            print(f"no layer search ran (every pair passed), so no {args.plot}; --layers all plots every pair")
+    return 0 if report["passed"] else 1
 
 
 def _bench(args) -> int:

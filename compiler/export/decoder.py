@@ -15,6 +15,7 @@ from fastertrt.compiler.export.result import ExportedGraph, ExportResult
 from fastertrt.compiler.export.shared_weights import share_weights
 from fastertrt.compiler.export.wrappers import BEAM_CANDIDATES, STEP_OUTPUTS, DecoderGraph, position_ids_from_mask
 from fastertrt.progress import quiet
+from fastertrt.tolerances import clear_of_ties
 
 
 def example_prompt(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -156,7 +157,7 @@ def compare_step(report, run, names, got, ref, valid_total: np.ndarray) -> None:
     tie may order differently in two runtimes without either being wrong)."""
     out = dict(zip(names, got))
     ref = dict(zip(names, ref))
-    clear = _clear_of_ties(ref["candidate_scores"])
+    clear = clear_of_ties(ref["candidate_scores"])
     for name in names:
         g, r = out[name], ref[name]
         if name == "logits":
@@ -167,10 +168,3 @@ def compare_step(report, run, names, got, ref, valid_total: np.ndarray) -> None:
             report.add(run, name, masked_max_abs(g[clear].astype(np.float64), r[clear].astype(np.float64), None, 0))
         else:
             report.add(run, name, masked_max_abs(g, r, valid_total, seq_axis=2))
-
-
-def _clear_of_ties(scores: np.ndarray, gap: float = 1e-4) -> np.ndarray:
-    diff = np.abs(np.diff(scores, axis=-1))
-    before = np.concatenate([np.full(scores.shape[:-1] + (1,), np.inf), diff], axis=-1)
-    after = np.concatenate([diff, np.full(scores.shape[:-1] + (1,), np.inf)], axis=-1)
-    return (before > gap) & (after > gap)

@@ -193,3 +193,7 @@ def output_shapes(attrs: AttentionAttrs, input_shapes: list, dims=StaticDims) ->
 
 def default_scale(head_size: int) -> float:
     return 1.0 / math.sqrt(head_size)
+
+
+# the attribute class of this plugin's nodes (plugins.functions.check_functions reads it)
+ATTRS = AttentionAttrs

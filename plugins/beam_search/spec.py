@@ -128,3 +128,7 @@ def output_shapes(attrs: BeamStepAttrs, input_shapes: list, dims=StaticDims) -> 
             raise BeamStepSpecError(f"beam-step bias has {bv} entries for a vocabulary of {v}")
     out = [shapes["beam_scores"][0], dims.mul(shapes["beam_scores"][1], attrs.candidates)]
     return [list(out), list(out), list(out)]
+
+
+# the attribute class of this plugin's nodes (plugins.functions.check_functions reads it)
+ATTRS = BeamStepAttrs
