@@ -37,6 +37,21 @@ class BundleCache:
             self.bundles[key] = self._compile(name, f"{name}-{impl}", impl)
         return self.bundles[key]
 
+    def calibrated(self, name: str) -> Path:
+        """The shipped model's bundle calibrated INT8 with the defaults (default
+        English sample set, max calibrator), once per session; tests must not change it."""
+        key = ("int8", name)
+        if key not in self.bundles:
+            import shutil
+
+            from fastertrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
+            # calibration replaces the bundle folder: work on a linked copy of the shared one
+            bundle = shutil.copytree(self.shipped(name), self.root / f"{name}-int8.bundle", copy_function=os.link)
+            calibrate_bundle(bundle, CalibrationOptions())
+            self.bundles[key] = Path(bundle)
+        return self.bundles[key]
+
     def _compile(self, model: str, label: str, impl: str) -> Path:
         from fastertrt.compiler import compile_model
 

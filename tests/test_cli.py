@@ -8,7 +8,7 @@ import pytest
 
 from fastertrt.tools.cli import main
 
-COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench")
+COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench", "compare")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -37,6 +37,10 @@ EPILOG_INSPECT = """\
 examples:
   fastertrt inspect minilm.bundle
   fastertrt inspect minilm.bundle --json
+  fastertrt inspect minilm-int8.bundle --layers          # INT8 or FP32, layer by layer
+  fastertrt inspect minilm.bundle --engine-layers        # on a GPU box with the engine's TensorRT
+
+exit status: 1 when a check fails (file hashes, plugin nodes against their ONNX functions).
 """
 EPILOG_BENCH = """\
 examples:
@@ -52,7 +56,8 @@ examples:
   fastertrt compare minilm.bundle --stages fused,int8 --layers all      # error of every layer, passing or not
   fastertrt compare bert.bundle --model ./my-bert-folder                # the torch side from another folder
   fastertrt compare minilm.bundle --save-inputs in.json --save-outputs out.json
-  polygraphy run minilm.bundle/int8.onnx --onnxrt --load-inputs in.json   # replay what compare ran
+  polygraphy run minilm.bundle/int8.onnx --onnxrt --graph-optimization-level ORT_DISABLE_ALL \
+      --load-inputs in.json                                             # replay what compare ran
   fastertrt compare minilm.bundle --load-inputs in.json                 # or feed polygraphy's inputs back
 
 exit status: 0 when every stage is within tolerance of its upstream neighbour, 1 when one is not, 2 on bad input.
@@ -230,10 +235,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
 
     i = sub.add_parser("inspect", help="show what a bundle holds", epilog=EPILOG_INSPECT, formatter_class=fmt,
-                       description="Print a bundle's model, graphs (I/O names, dtypes, dynamic dims), files and "
-                                   "export parity, after checking its manifest and file hashes.")
+                       description="Print a bundle's model, graphs (I/O names, dtypes, dynamic dims), stages with "
+                                   "sizes, plugin nodes, Q/DQ and per-layer precision, engines with their layers "
+                                   "and shape profiles, files, and the checks: manifest, file hashes, plugin "
+                                   "nodes against their ONNX functions.")
     i.add_argument("bundle")
-    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--json", action="store_true", help="print the manifest (and any problems) as JSON")
+    i.add_argument("--layers", action="store_true", help="list the precision of every weight layer of the INT8 graph")
+    i.add_argument("--engine-layers", action="store_true", help="list each engine's layers with TensorRT's engine "
+                   "inspector (needs the engine's TensorRT and a GPU)")
 
     cp = sub.add_parser("compare", help="find where and why a bundle's numbers differ, stage by stage",
                         epilog=EPILOG_COMPARE, formatter_class=fmt, description=(
@@ -409,9 +419,9 @@ def _generate(model, args, inputs) -> int:
 def _inspect(args) -> int:
     from fastertrt.tools.inspect import describe
 
-    text, manifest = describe(args.bundle)
-    print(json.dumps(manifest, indent=2) if args.json else text)
-    return 0
+    text, manifest, problems = describe(args.bundle, layers=args.layers, engine_layers=args.engine_layers)
+    print(json.dumps({**manifest, "problems": problems}, indent=2) if args.json else text)
+    return 1 if problems else 0
 
 
 def _compare(args) -> int:

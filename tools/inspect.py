@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fastertrt.errors import BundleIntegrityError
 from fastertrt.runtime.manifest import read_manifest, verify_files
 
 
@@ -38,10 +39,18 @@ def _grouped(tensors: list) -> list[tuple[str, str, list]]:
     return out
 
 
-def describe(bundle) -> tuple[str, dict]:
+def describe(bundle, layers: bool = False, engine_layers: bool = False) -> tuple[str, dict, list[str]]:
+    """(text, manifest, problems). The bundle is described even when a check
+    fails: the failures are listed at the end and in `problems`."""
+    from fastertrt.tools.inspect_graphs import engine_layer_lines, graph_lines
+
     bundle = Path(bundle)
     m = read_manifest(bundle)
-    verify_files(bundle, m)
+    problems = []
+    try:
+        verify_files(bundle, m)
+    except BundleIntegrityError as exc:
+        problems.append(str(exc))
     info = m["model"]
     lines = [f"bundle   {bundle.resolve()}",
              f"schema   {m['schema_version']} (fastertrt {m.get('fastertrt_version')}, created {m.get('created_utc', '?')})",
@@ -90,6 +99,9 @@ def describe(bundle) -> tuple[str, dict]:
         for name, r in int8["report"]["outputs"].items():
             lines.append(f"           held-out {name}: mean cosine {r['mean_cosine']:.5f}, min {r['min_cosine']:.5f}, "
                          f"max abs {r['max_abs_error']:.3g}")
+    stage_lines, graph_problems = graph_lines(bundle, m, layers)
+    lines += stage_lines
+    problems += graph_problems
     for e in m.get("engines", []):
         lines.append(f"engine   {e['graph']}: {e['file']} ({e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:12]})")
         lines.append(f"           {e['backend']} {e['backend_version']}, {e['precision']}, targets "
@@ -105,12 +117,18 @@ def describe(bundle) -> tuple[str, dict]:
         for i, prof in enumerate(e["profiles"]):
             dims = ", ".join(f"{d}={r[0]}:{r[1]}:{r[2]}" for d, r in prof["dims"].items())
             lines.append(f"           profile {i}: {dims}")
+        if engine_layers:
+            lines += engine_layer_lines(bundle, e)
     if not m.get("engines"):
         lines.append("engine   none (build with: fastertrt build BUNDLE)")
     tok = m.get("tokenizer")
     lines.append(f"tokenizer {tok['file']}" if tok else "tokenizer none (ids only)")
     total = sum(e["bytes"] for e in m["files"].values())
-    lines.append(f"files    {len(m['files'])} files, {total / 1e6:.1f} MB, all sha256 verified")
+    verified = "all sha256 verified" if not any("damaged" in p for p in problems) else "NOT all verified"
+    lines.append(f"files    {len(m['files'])} files, {total / 1e6:.1f} MB, {verified}")
     for rel, e in m["files"].items():
         lines.append(f"           {rel:<40} {e['bytes'] / 1e6:>9.2f} MB  {e['sha256'][:12]}")
-    return "\n".join(lines), m
+    lines.append("checks   " + ("manifest schema, file hashes, plugin nodes against their ONNX functions: all pass"
+                              if not problems else f"{len(problems)} problem(s):"))
+    lines += [f"  PROBLEM {p}" for p in problems]
+    return "\n".join(lines), m, problems

@@ -14,7 +14,8 @@ def _cells(m: dict) -> tuple[str, str, str]:
     if m["kind"] == "shape":
         return "shape", f"{m['got_shape']}", f"vs {m['ref_shape']}"
     if m["kind"] == "exact":
-        return f"{m['mismatched']}/{m['total']}", "differ", "-"
+        return ("equal", "ids", f"{m['total']}") if not m["mismatched"] else (
+            f"{m['mismatched']}/{m['total']}", "differ", "-")
     return f"{m['max_abs']:.3g}", f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}"
 
 
@@ -40,18 +41,19 @@ def text(report: dict) -> str:
                      + " -> ".join(s["label"] for s in g["stages"]))
         for s in g["skipped"]:
             lines.append(f"  skipped {s['stage']}: {s['reason']}")
-        header = f"  {'stage pair':<44} {'output':<22} {'max abs':>9} {'max rel':>9} {'cosine':>9}  result"
+        width = max([44] + [len(p["ref_label"]) + len(p["label"]) + 4 for p in g["pairs"]])
+        header = f"  {'stage pair':<{width}} {'output':<22} {'max abs':>9} {'max rel':>9} {'cosine':>9}  result"
         lines.append(header)
         lines.append("  " + "-" * (len(header) - 2))
         for p in g["pairs"]:
             pair = f"{p['ref_label']} -> {p['label']}"
             for i, (name, m) in enumerate(p["outputs"].items()):
                 a, r, c = _cells(m)
-                lines.append(f"  {pair if i == 0 else '':<44} {name[:22]:<22} {a:>9} {r:>9} {c:>9}  "
+                lines.append(f"  {pair if i == 0 else '':<{width}} {name[:22]:<22} {a:>9} {r:>9} {c:>9}  "
                              f"{'pass' if m['passed'] else 'FAIL'}")
-            lines.append(f"  {'':<44} tolerance {_tol_text(p['tolerance'])}")
+            lines.append(f"  {'':<{width}} tolerance {_tol_text(p['tolerance'])}")
             if p.get("layer_search"):
-                lines.append(f"  {'':<44} layers: {p['layer_search']}")
+                lines.append(f"  {'':<{width}} layers: {p['layer_search']}")
         for prob in g["problems"]:
             lines.append(f"  PROBLEM in {prob['file']}: {prob['problem']}")
         for run in g["layers"]:
@@ -89,6 +91,19 @@ def _plain(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _layer_ticks(ax, series: list[dict]) -> None:
+    """Faint lines where the model's numbered layer changes (module paths ...layers.N... or ...layer.N...)."""
+    import re
+
+    last = None
+    for s in series:
+        m = re.search(r"\.(?:layers?|h|blocks?)\.(\d+)(?:\.|$)", s["module"])
+        if m and m.group(1) != last:
+            last = m.group(1)
+            ax.axvline(s["index"], color="grey", lw=0.5, alpha=0.5)
+            ax.text(s["index"], 3.0, f"L{last}", fontsize=7, color="grey")
+
+
 def plot(report: dict, path: Path) -> int:
     """Error per layer of every layer search: 1 - cosine and max relative error per
     tensor in topological order, the first bad tensor marked. Returns the panel count."""
@@ -122,6 +137,7 @@ def plot(report: dict, path: Path) -> int:
             ax.annotate(f"first bad: {bad['module']}\n{bad['op']} {bad['tensor']}", (at, 1e-3), color="red",
                         fontsize=8, xytext=(5, 0), textcoords="offset points")
             title += f" (first bad layer: {bad['module']})"
+        _layer_ticks(ax, run["series"])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tensor, in topological order")
         ax.set_ylim(1e-12, 10)

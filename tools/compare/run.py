@@ -38,7 +38,8 @@ class CompareOptions:
 def _quiet_polygraphy():
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    # fastertrt prints its own table; polygraphy would repeat each verdict as an [E] line
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
 def _runner(stage: Stage, bundle: Path, manifest: dict, graph: str, model_ref):
