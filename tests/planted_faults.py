@@ -15,7 +15,7 @@ import numpy as np
 def copy_bundle(bundle: Path, dst: Path) -> Path:
     """A copy with its own graph files (edited below) and linked weights."""
     def copy(src, dst_file):
-        if src.endswith(".onnx") or src.endswith("manifest.json"):
+        if src.endswith((".onnx", "manifest.json")):
             shutil.copy2(src, dst_file)
         else:
             os.link(src, dst_file)

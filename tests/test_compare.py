@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import planted_faults as faults
 import pytest
 
-import planted_faults as faults
 from fastertrt.tools.cli import main
 from fastertrt.tools.compare import CompareOptions, compare_bundle
 
@@ -222,3 +222,17 @@ def test_inspect_lists_stages_plugins_and_int8_layers(bundles, capsys):
     assert "Q/DQ 24 Q + 74 DQ" in out and "precision per layer: 38 INT8, 0 FP32" in out
     assert "INT8  MatMul  model.encoder.layer.5.output.dense" in out and "MatMulIntegerToFloat x36" in out
     assert "checks   manifest schema, file hashes, plugin nodes against their ONNX functions: all pass" in out
+
+
+# --- GPU only ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_engine_stage_runs_through_polygraphys_tensorrt_runner(tiny_bert, tmp_path):
+    from fastertrt.compiler.build import BuildOptions, build_bundle
+
+    bundle = faults.copy_bundle(tiny_bert, tmp_path / "engine.bundle")
+    build_bundle(bundle, BuildOptions(backend="tensorrt", shapes="batch=1:2:4,seq=1:16:64"))
+    report = compare_bundle(bundle, CompareOptions(stages=["fused", "runtime", "engine"]))
+    pair = _pair(report, "fused", "engine")
+    assert pair["passed"] and report["passed"], pair
+    assert pair["tolerance"]["key"] == ["engine", "fp32"]

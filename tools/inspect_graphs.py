@@ -113,8 +113,8 @@ def engine_layer_lines(bundle: Path, entry: dict) -> list[str]:
         gpu = gpu_compute_capability()
         check_compatible(entry, installed_backends(), gpu)
         if gpu is None:
-            return ["             engine layers: deserializing an engine needs an NVIDIA GPU; the layer "
-                    "types above come from the build"]
+            return [("             engine layers: deserializing an engine needs an NVIDIA GPU; the layer "
+                     "types above come from the build")]
         from fastertrt.plugins import register_all
 
         trt = __import__(TRT_MODULES[entry["backend"]])

@@ -261,11 +261,19 @@ def _diagnose(entry, node, got: Graph, ref: Graph, got_vals, ref_vals, pairs, re
         out["inputs"].append(row)
     findings = out["findings"]
     findings += _node_changes(node, got, ref, ref_label)
+    # an input with no partner in the reference was not checked itself: when a plugin node
+    # made it (its outputs were renamed by the rewrite), the fault is the plugin's
+    for name in node.input:
+        maker = got.producer.get(name)
+        if name and name not in ref_vals and maker is not None and maker.domain == "fastertrt":
+            findings.append(_plugin_finding(maker, ref_label, unchecked_output=name))
     pair = pairs.get(entry["tensor"])
     if pair is not None:
         findings.append(_qdq_finding(pair, node, got, got_vals, entry, mask))
     elif node.domain == "fastertrt":
         findings.append(_plugin_finding(node, ref_label))
+    elif any(f["kind"] == "plugin" for f in findings):
+        pass
     elif any(i in pairs for i in node.input):
         module = entry["module"]
         scales = {i: _scale_text(pairs[i], got) for i in node.input if i in pairs}
@@ -324,18 +332,22 @@ def _node_changes(node, got: Graph, ref: Graph, ref_label: str) -> list[dict]:
     return found
 
 
-def _plugin_finding(node, ref_label: str) -> dict:
+def _plugin_finding(node, ref_label: str, unchecked_output: str = "") -> dict:
     attrs = _attrs(node)
     shown = ", ".join(f"{k}={v}" for k, v in attrs.items() if k not in ("plugin_namespace",))
-    text = (f"plugin {node.op_type} node {node.name}: its inputs agree with {ref_label}, its output does not; "
-            f"attributes {shown}")
+    if unchecked_output:
+        text = (f"this node reads {unchecked_output} from plugin {node.op_type} node {node.name}, a tensor "
+                f"{ref_label} has no counterpart of, so the plugin is the first suspect; attributes {shown}")
+    else:
+        text = (f"plugin {node.op_type} node {node.name}: its inputs agree with {ref_label}, its output does not; "
+                f"attributes {shown}")
     if "scale" in attrs and attrs.get("head_size"):
         expected = 1.0 / np.sqrt(float(attrs["head_size"]))
         if abs(float(attrs["scale"]) - expected) > 1e-3 * expected:
             text += f". Its scale {float(attrs['scale']):.6g} is not 1/sqrt(head_size) = {expected:.6g}"
     return {"kind": "plugin", "text": text,
-            "suggestion": f"report a plugin bug with the inputs (fastertrt compare --save-inputs inputs.json) and "
-                          f"this node's attributes; compiling with --no-plugins keeps the exporter's attention"}
+            "suggestion": "report a plugin bug with the inputs (fastertrt compare --save-inputs inputs.json) and "
+                          "this node's attributes; compiling with --no-plugins keeps the exporter's attention"}
 
 
 def _scale_text(pair: QdqPair, got: Graph) -> str:
@@ -373,10 +385,9 @@ def _qdq_finding(pair: QdqPair, node, got: Graph, got_vals, entry, mask) -> dict
     ratios = None
     if pair.reference is not None:
         w = np.asarray(got_vals[pair.dq], dtype=np.float64)
-        axis = 0 if w.ndim == 2 else None
-        norms = lambda a: np.linalg.norm(a, axis=axis)  # noqa: E731 - per output channel of [K, N]
+        axis = 0 if w.ndim == 2 else None  # per output channel of a [K, N] weight
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = norms(w) / norms(pair.reference)
+            ratios = np.linalg.norm(w, axis=axis) / np.linalg.norm(pair.reference, axis=axis)
     text = (f"Q/DQ on weight {pair.reference_name or pair.source} of {module} ({_scale_text(pair, got)}): "
             f"dequantized vs the FP32 weight: {describe(entry)}")
     if ratios is not None and np.ndim(ratios):

@@ -173,8 +173,8 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
         tol = tolerance(*key)
         verdicts: dict = OrderedDict()
 
-        def compare_func(ref_iter, got_iter, _tol=tol, _verdicts=verdicts):
-            i = next(k for k, it in enumerate(by_label[ref.label]) if it is ref_iter)
+        def compare_func(ref_iter, got_iter, _tol=tol, _verdicts=verdicts, _ref=ref):
+            i = next(k for k, it in enumerate(by_label[_ref.label]) if it is ref_iter)
             metrics = _output_metrics(spec, feed_list[i], dict(ref_iter), dict(got_iter))
             for name, m in metrics.items():
                 _verdicts[name] = _merge(_verdicts.get(name), m)
@@ -253,7 +253,7 @@ def compare_bundle(bundle, opts: CompareOptions | None = None, progress=None) ->
     integrity = "all files match the manifest's sha256"
     try:
         verify_files(bundle, manifest)
-    except Exception as exc:  # a damaged bundle is what one debugs: compare it as it is, and say so
+    except Exception as exc:  # noqa: BLE001 - a damaged bundle is what one debugs: compare it as it is
         integrity = str(exc)
     if opts.layers not in LAYER_MODES:
         raise InputError(f"--layers must be one of {LAYER_MODES}, got {opts.layers!r}")
