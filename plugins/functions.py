@@ -26,7 +26,8 @@ def attach_functions(model, domain: str, name: str, node_attrs, onnx_function) -
     return made
 
 
-def _attribute_values(node) -> dict:
+def attribute_values(node) -> dict:
+    """An onnx.NodeProto's attributes as Python values (strings decoded)."""
     from onnx import helper
 
     out = {}
@@ -52,7 +53,7 @@ def check_functions(model) -> list[str]:
             continue
         spec = importlib.import_module(REGISTRY[node.op_type].rsplit(".", 1)[0] + ".spec")
         try:
-            expected = spec.ATTRS.from_dict(_attribute_values(node)).overload()
+            expected = spec.ATTRS.from_dict(attribute_values(node)).overload()
         except ValueError as exc:
             problems.append(f"plugin node {node.name} ({node.op_type}) has invalid attributes: {exc}")
             continue

@@ -51,13 +51,13 @@ def attention_scale(bundle: Path, which: int = 1, factor: float = 3.0, function_
     (function_too=False changes the attribute alone, which only the engine would see)."""
     from fastertrt.plugins.attention.reference import onnx_function
     from fastertrt.plugins.attention.spec import ATTRS
-    from fastertrt.plugins.functions import _attribute_values
+    from fastertrt.plugins.functions import attribute_values
 
     def change(model):
         node = [n for n in model.graph.node if n.domain == "fastertrt" and n.op_type == "FastertrtAttention"][which]
         _attr(node, "scale").f *= factor
         if function_too:
-            attrs = ATTRS.from_dict(_attribute_values(node))
+            attrs = ATTRS.from_dict(attribute_values(node))
             node.overload = attrs.overload()
             opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
             model.functions.append(onnx_function(attrs, opset))

@@ -155,10 +155,10 @@ def load_feeds(path: Path, spec: list[dict]) -> list[dict]:
 def save_feeds(feeds: list[dict], path: Path) -> None:
     from polygraphy.json import save_json
 
-    _atomic(path, lambda tmp: save_json(feeds, str(tmp), description="input data"))
+    atomic_write(path, lambda tmp: save_json(feeds, str(tmp), description="input data"))
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     import os
 
     path = Path(path)

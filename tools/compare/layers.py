@@ -88,13 +88,9 @@ def read_initializer(tensor, folder: Path) -> np.ndarray:
 
 
 def _attrs(node) -> dict:
-    from onnx import helper
+    from fastertrt.plugins.functions import attribute_values
 
-    out = {}
-    for a in node.attribute:
-        v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else v
-    return out
+    return attribute_values(node)
 
 
 def _module(node, graph: Graph | None = None) -> str:

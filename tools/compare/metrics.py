@@ -58,31 +58,31 @@ def tensor_metrics(ref, got, valid: np.ndarray | None = None) -> dict:
     return out
 
 
-def output_ok(m: dict, tol: Tolerance) -> bool:
-    """A graph output: max abs error within atol (absolute, or relative to the
-    output's scale), cosine and norm within bounds."""
+def _decided(m: dict) -> bool | None:
+    """The verdict where the kind of tensor settles it: shapes must agree, ids be
+    equal, and inf/NaN appear on both sides alike. None: the numbers decide."""
     if m["kind"] == "shape":
         return False
     if m["kind"] == "exact":
         return m["mismatched"] == 0
-    if m["nonfinite_mismatch"]:
-        return False
-    if not (m["max_abs"] <= tol.atol or m["max_rel"] <= tol.atol):
-        return False
-    return _shape_of_error_ok(m, tol)
+    return False if m["nonfinite_mismatch"] else None
+
+
+def output_ok(m: dict, tol: Tolerance) -> bool:
+    """A graph output: max abs error within atol (absolute, or relative to the
+    output's scale), cosine and norm within bounds."""
+    decided = _decided(m)
+    if decided is not None:
+        return decided
+    return (m["max_abs"] <= tol.atol or m["max_rel"] <= tol.atol) and _shape_of_error_ok(m, tol)
 
 
 def layer_ok(m: dict, tol: Tolerance) -> bool:
     """An intermediate tensor: only scale-free bounds (rel, cosine, norm)."""
-    if m["kind"] == "shape":
-        return False
-    if m["kind"] == "exact":
-        return m["mismatched"] == 0
-    if m["nonfinite_mismatch"]:
-        return False
-    if tol.rel is not None and m["max_rel"] > tol.rel:
-        return False
-    return _shape_of_error_ok(m, tol)
+    decided = _decided(m)
+    if decided is not None:
+        return decided
+    return (tol.rel is None or m["max_rel"] <= tol.rel) and _shape_of_error_ok(m, tol)
 
 
 def _shape_of_error_ok(m: dict, tol: Tolerance) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastertrt.tools.compare.feeds import _atomic
+from fastertrt.tools.compare.feeds import atomic_write
 from fastertrt.tools.compare.layers import diagnosis_lines
 
 
@@ -59,13 +59,17 @@ def text(report: dict) -> str:
         for run in g["layers"]:
             lines.append("")
             verdict = "passes" if run["pair_passed"] else "FAILS"
-            lines.append(f"  layer search {run['ref']} -> {run['stage']} (pair {verdict}): {run['checked']} tensors "
+            lines.append(f"  layer search {run['ref']} -> {run['stage']} (pair {verdict}, input batch {run['iteration']}): "
+                         f"{run['checked']} tensors "
                          f"checked in topological order ({run['common_tensors']} shared by name, "
                          f"{run['qdq_pairs']} Q/DQ pairs)")
             if run["first_bad"] is None:
                 worst = min((s for s in run["series"] if "cosine" in s), key=lambda s: s["cosine"], default=None)
                 lines.append("  every tensor within tolerance" + (
                     f"; lowest cosine {worst['cosine']:.6f} at {worst['tensor']} ({worst['module']})" if worst else ""))
+                if not run["pair_passed"]:
+                    lines.append("  the outputs break tolerance though no single tensor does: the error grows "
+                                 "gradually through the layers (see --plot), or sits in a tensor without a partner")
             else:
                 lines += ["  " + line for line in diagnosis_lines(run["first_bad"])]
     lines.append("")
@@ -78,7 +82,7 @@ def text(report: dict) -> str:
 
 
 def write_json(report: dict, path: Path) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=_plain) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=_plain) + "\n"))
 
 
 def _plain(value):
@@ -144,6 +148,6 @@ def plot(report: dict, path: Path) -> int:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    _atomic(Path(path), lambda tmp: fig.savefig(str(tmp), format="png", dpi=90))
+    atomic_write(Path(path), lambda tmp: fig.savefig(str(tmp), format="png", dpi=90))
     plt.close(fig)
     return len(runs)

@@ -160,7 +160,7 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
             results.extend(_run_stage(stage, bundle, manifest, graph, opts.model, feed_list))
     if opts.save_outputs:
         path = _per_graph(opts.save_outputs, graph, manifest)
-        feeds_mod._atomic(path, lambda tmp: results.save(str(tmp)))
+        feeds_mod.atomic_write(path, lambda tmp: results.save(str(tmp)))
 
     by_label = {name: iters for name, iters in results}
     index = {s.name: s for s in stages}
@@ -172,13 +172,17 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
         key = _pair_tolerance(stages, ref, stage)
         tol = tolerance(*key)
         verdicts: dict = OrderedDict()
+        failing: list[int] = []  # iterations out of tolerance: the layer search takes the first
 
-        def compare_func(ref_iter, got_iter, _tol=tol, _verdicts=verdicts, _ref=ref):
+        def compare_func(ref_iter, got_iter, _tol=tol, _verdicts=verdicts, _ref=ref, _failing=failing):
             i = next(k for k, it in enumerate(by_label[_ref.label]) if it is ref_iter)
             metrics = _output_metrics(spec, feed_list[i], dict(ref_iter), dict(got_iter))
             for name, m in metrics.items():
                 _verdicts[name] = _merge(_verdicts.get(name), m)
-            return OrderedDict((name, output_ok(m, _tol)) for name, m in metrics.items())
+            ok = OrderedDict((name, output_ok(m, _tol)) for name, m in metrics.items())
+            if not all(ok.values()):
+                _failing.append(i)
+            return ok
 
         ref_index = [s.label for s in stages].index(ref.label)
         got_index = [s.label for s in stages].index(stage.label)
@@ -187,9 +191,10 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
         outputs = {name: {**m, "passed": output_ok(m, tol)} for name, m in verdicts.items()}
         pairs.append({"ref": ref.name, "stage": stage.name, "ref_label": ref.label, "label": stage.label,
                       "tolerance": {"key": list(key), **vars(tol)}, "passed": bool(accuracy) and all(
-                          o["passed"] for o in outputs.values()), "outputs": outputs})
+                          o["passed"] for o in outputs.values()), "outputs": outputs,
+                      "failing_iterations": sorted(set(failing))})
 
-    layer_runs = _layer_search(bundle, manifest, stages, pairs, feed_list[0], opts.layers, progress, graph)
+    layer_runs = _layer_search(bundle, manifest, stages, pairs, feed_list, opts.layers, progress, graph)
     problems = _function_checks(stages)
     return {"graph": graph, "stages": [{"name": s.name, "label": s.label, "kind": s.kind, "ref": s.ref}
                                        for s in stages],
@@ -199,7 +204,7 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
             "passed": all(p["passed"] for p in pairs) and not problems}
 
 
-def _layer_search(bundle, manifest, stages, pairs, feed, mode, progress, graph) -> list[dict]:
+def _layer_search(bundle, manifest, stages, pairs, feed_list, mode, progress, graph) -> list[dict]:
     from fastertrt.tools.compare.layers import locate
 
     if mode == "none":
@@ -214,8 +219,10 @@ def _layer_search(bundle, manifest, stages, pairs, feed, mode, progress, graph) 
             pair["layer_search"] = _why_no_search(ref, stage, bundle, graph)
             continue
         precision = "int8" if "int8" in (stage.precision, ref.precision) else "fp32"
-        with progress.step(f"{graph}: layer search {ref.label} -> {stage.label}"):
-            found = locate(ref.path, stage.path, feed, precision, ref.label, stage.label)
+        iteration = (pair["failing_iterations"] or [0])[0]
+        with progress.step(f"{graph}: layer search {ref.label} -> {stage.label} on input batch {iteration}"):
+            found = locate(ref.path, stage.path, feed_list[iteration], precision, ref.label, stage.label)
+        found["iteration"] = iteration
         found["pair"] = [ref.name, stage.name]
         found["pair_passed"] = pair["passed"]
         out.append(found)
