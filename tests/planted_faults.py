@@ -71,16 +71,16 @@ def _weight_matmuls(model) -> list:
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def swapped_weight(bundle: Path, first: int = 6) -> dict:
-    """fused.onnx: two weight MatMuls of one layer (query and key of the second layer,
-    in an encoder) read each other's weights."""
+def swapped_weight(bundle: Path, first: int = 6, file: str = "fused.onnx") -> dict:
+    """`file`: weight MatMuls `first` and `first + 1` read each other's weights (query
+    and key of the second layer, in a BERT encoder)."""
     def change(model):
         a, b = _weight_matmuls(model)[first:first + 2]
         wa, wb = a.input[1], b.input[1]
         a.input[1], b.input[1] = wb, wa
         return {"node": a.name, "weights": (wa, wb), "output": a.output[0]}
 
-    return _edit(bundle, "fused.onnx", change)
+    return _edit(bundle, file, change)
 
 
 def off_by_one_mask(bundle: Path) -> dict:

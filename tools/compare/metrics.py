@@ -58,6 +58,23 @@ def tensor_metrics(ref, got, valid: np.ndarray | None = None) -> dict:
     return out
 
 
+def worst_of(worst: dict | None, m: dict) -> dict:
+    """The worst of two metrics (two iterations, or two tensors folded into one row)."""
+    if worst is None or m["kind"] != worst["kind"] or m["kind"] == "shape":
+        return dict(m) if worst is None or m["kind"] == "shape" else worst
+    if m["kind"] == "exact":
+        return {**worst, "mismatched": worst["mismatched"] + m["mismatched"], "total": worst["total"] + m["total"],
+                **({"first_index": worst.get("first_index", m.get("first_index"))} if m["mismatched"] else {})}
+    out = dict(worst)
+    for key in ("max_abs", "max_rel", "scale"):
+        out[key] = max(worst[key], m[key])
+    out["cosine"] = min(worst["cosine"], m["cosine"])
+    out["norm_ratio"] = max(worst["norm_ratio"], m["norm_ratio"], key=lambda r: abs(r - 1.0))
+    out["nonfinite_mismatch"] = worst["nonfinite_mismatch"] + m["nonfinite_mismatch"]
+    out["elements"] = worst["elements"] + m["elements"]
+    return out
+
+
 def _decided(m: dict) -> bool | None:
     """The verdict where the kind of tensor settles it: shapes must agree, ids be
     equal, and inf/NaN appear on both sides alike. None: the numbers decide."""

@@ -4,10 +4,12 @@ machines, a PNG of the error per layer for people."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fastertrt.tools.compare.feeds import atomic_write
 from fastertrt.tools.compare.layers import diagnosis_lines
+from fastertrt.tools.compare.metrics import worst_of
 
 
 def _cells(m: dict) -> tuple[str, str, str]:
@@ -17,6 +19,36 @@ def _cells(m: dict) -> tuple[str, str, str]:
         return ("equal", "ids", f"{m['total']}") if not m["mismatched"] else (
             f"{m['mismatched']}/{m['total']}", "differ", "-")
     return f"{m['max_abs']:.3g}", f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}"
+
+
+_PER_LAYER = re.compile(r"^(.*)\.(\d+)\.(key|value)$")
+
+
+def _folded(outputs: dict) -> list[tuple[str, dict, bool]]:
+    """(name, metrics, passed) rows with the per-layer KV cache folded into one row
+    (the worst of its tensors), as `inspect` folds it."""
+    rows, groups = [], {}
+    for name, m in outputs.items():
+        hit = _PER_LAYER.match(name)
+        if not hit:
+            rows.append((name, m, m["passed"]))
+            continue
+        key = hit.group(1)
+        if key not in groups:
+            groups[key] = {"layers": [], "metrics": None, "passed": True}
+            rows.append((key, None, None))
+        g = groups[key]
+        g["layers"].append(int(hit.group(2)))
+        g["metrics"] = worst_of(g["metrics"], m)
+        g["passed"] = g["passed"] and m["passed"]
+    out = []
+    for name, m, ok in rows:
+        if m is None:
+            g = groups[name]
+            name = f"{name}.{{{min(g['layers'])}..{max(g['layers'])}}}.*"
+            m, ok = g["metrics"], g["passed"]
+        out.append((name, m, ok))
+    return out
 
 
 def _tol_text(t: dict) -> str:
@@ -47,10 +79,10 @@ def text(report: dict) -> str:
         lines.append("  " + "-" * (len(header) - 2))
         for p in g["pairs"]:
             pair = f"{p['ref_label']} -> {p['label']}"
-            for i, (name, m) in enumerate(p["outputs"].items()):
+            for i, (name, m, ok) in enumerate(_folded(p["outputs"])):
                 a, r, c = _cells(m)
                 lines.append(f"  {pair if i == 0 else '':<{width}} {name[:22]:<22} {a:>9} {r:>9} {c:>9}  "
-                             f"{'pass' if m['passed'] else 'FAIL'}")
+                             f"{'pass' if ok else 'FAIL'}")
             lines.append(f"  {'':<{width}} tolerance {_tol_text(p['tolerance'])}")
             if p.get("layer_search"):
                 lines.append(f"  {'':<{width}} layers: {p['layer_search']}")

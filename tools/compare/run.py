@@ -15,7 +15,7 @@ from fastertrt.errors import InputError
 from fastertrt.progress import quiet
 from fastertrt.tolerances import clear_of_ties, tolerance
 from fastertrt.tools.compare import feeds as feeds_mod
-from fastertrt.tools.compare.metrics import output_ok, tensor_metrics, valid_positions
+from fastertrt.tools.compare.metrics import output_ok, tensor_metrics, valid_positions, worst_of
 from fastertrt.tools.compare.stages import Stage, plan
 
 LAYER_MODES = ("auto", "all", "none")
@@ -71,23 +71,6 @@ def _seq_axis(spec: dict, name: str, mask_dim) -> int | None:
         if t["name"] == name:
             return next((i for i, d in enumerate(t["shape"]) if i > 0 and d == mask_dim), None)
     return None
-
-
-def _merge(worst: dict | None, m: dict) -> dict:
-    """The worst of two iterations' metrics."""
-    if worst is None or m["kind"] != worst["kind"] or m["kind"] == "shape":
-        return dict(m) if worst is None or m["kind"] == "shape" else worst
-    if m["kind"] == "exact":
-        return {**worst, "mismatched": worst["mismatched"] + m["mismatched"], "total": worst["total"] + m["total"],
-                **({"first_index": worst.get("first_index", m.get("first_index"))} if m["mismatched"] else {})}
-    out = dict(worst)
-    for key in ("max_abs", "max_rel", "scale"):
-        out[key] = max(worst[key], m[key])
-    out["cosine"] = min(worst["cosine"], m["cosine"])
-    out["norm_ratio"] = max(worst["norm_ratio"], m["norm_ratio"], key=lambda r: abs(r - 1.0))
-    out["nonfinite_mismatch"] = worst["nonfinite_mismatch"] + m["nonfinite_mismatch"]
-    out["elements"] = worst["elements"] + m["elements"]
-    return out
 
 
 def _output_metrics(spec: dict, feeds: dict, ref_out: dict, got_out: dict) -> dict:
@@ -178,7 +161,7 @@ def compare_graph(bundle: Path, manifest: dict, graph: str, opts: CompareOptions
             i = next(k for k, it in enumerate(by_label[_ref.label]) if it is ref_iter)
             metrics = _output_metrics(spec, feed_list[i], dict(ref_iter), dict(got_iter))
             for name, m in metrics.items():
-                _verdicts[name] = _merge(_verdicts.get(name), m)
+                _verdicts[name] = worst_of(_verdicts.get(name), m)
             ok = OrderedDict((name, output_ok(m, _tol)) for name, m in metrics.items())
             if not all(ok.values()):
                 _failing.append(i)
