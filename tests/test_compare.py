@@ -97,12 +97,16 @@ def test_minilm_int8_clean_passes_every_stage_and_replays_in_polygraphy(bundles,
 def test_minilm_bad_qdq_scale_is_named(bundles, tmp_path, kind, which, factor, module):
     bundle = _faulty(bundles.calibrated("minilm"), tmp_path, f"qdq-{kind}")
     planted = faults.qdq_scale(bundle, which, kind, factor)
-    report = compare_bundle(bundle, CompareOptions(stages=["fused", "int8"]))
+    report = compare_bundle(bundle, CompareOptions(stages=["fused", "int8", "runtime"]))
     assert not report["passed"] and not _pair(report, "fused", "int8")["passed"]
     first = _first_bad(report, "fused", "int8")
     assert first["check"] == "qdq" and first["tensor"] == planted["dq_output"] and first["module"] == module
     finding = next(f for f in first["findings"] if f["kind"] == f"qdq-{kind}")
     assert module in finding["suggestion"] and "--exclude" in finding["suggestion"]
+    # the fault is in int8.onnx alone: the runtime's ONNX Runtime variant kept the right scale,
+    # and the search of that pair names the constant the two files disagree on
+    behind = _first_bad(report, "int8", "runtime")
+    assert any(f["kind"] == "weights" and planted["scale"] in f["text"] for f in behind["findings"]), behind
     if kind == "activation":
         assert finding["clipped_fraction"] > 0.2  # a scale 20x too small clips most values
     else:

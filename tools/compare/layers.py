@@ -257,6 +257,7 @@ def _diagnose(entry, node, got: Graph, ref: Graph, got_vals, ref_vals, pairs, re
         out["inputs"].append(row)
     findings = out["findings"]
     findings += _node_changes(node, got, ref, ref_label)
+    findings += _initializer_changes(node, got, ref, ref_label, findings)
     # an input with no partner in the reference was not checked itself: when a plugin node
     # made it (its outputs were renamed by the rewrite), the fault is the plugin's
     for name in node.input:
@@ -326,6 +327,25 @@ def _node_changes(node, got: Graph, ref: Graph, ref_label: str) -> list[dict]:
                                                       + ", ".join(f"{k} {v[1]!r} (was {v[0]!r})" for k, v in changed.items()),
                       "suggestion": "recompile the bundle; report it if a fastertrt stage changed the attribute"})
     return found
+
+
+def _initializer_changes(node, got: Graph, ref: Graph, ref_label: str, found: list[dict]) -> list[dict]:
+    """Constants the node reads that the reference graph holds under the same name
+    with other values (a node the stage renamed or lowered has no twin to compare)."""
+    out = []
+    for name in node.input:
+        if name not in got.inits or name not in ref.inits or any(name in f["text"] for f in found):
+            continue
+        a, b = ref.array(name), got.array(name)
+        if a.shape == b.shape and np.array_equal(a, b):
+            continue
+        both = (f"{float(b.reshape(())):.6g} here, {float(a.reshape(())):.6g} in {ref_label}" if a.size == b.size == 1
+                else describe(tensor_metrics(a, b)))
+        out.append({"kind": "weights", "text": f"{node.name} reads {name}, which differs from {ref_label}'s "
+                                               f"constant of that name ({both})",
+                    "suggestion": f"one of the two files holds a wrong constant: the stage that wrote this file "
+                                  f"changed it, or {ref_label} was edited; recompile or recalibrate the bundle"})
+    return out
 
 
 def _plugin_finding(node, ref_label: str, unchecked_output: str = "") -> dict:
