@@ -1,0 +1,178 @@
+"""`fastertrt export-triton`: a Triton Inference Server model repository for a
+bundle. The model runs fastertrt's runtime in Triton's Python backend:
+
+    REPO/NAME/config.pbtxt      inputs/outputs from the manifest, dynamic batching,
+                                instance groups, EXECUTION_ENV_PATH
+    REPO/NAME/1/model.py        serve/triton_model.py
+    REPO/NAME/1/bundle/         the bundle (hard-linked where the filesystem allows)
+    REPO/NAME/1/lib/fastertrt/  the runtime's own sources (no torch, no compiler)
+
+Where the bundle holds a standard-TensorRT engine without fastertrt plugins,
+REPO/NAME_plan/ serves that engine on Triton's own `tensorrt_plan` platform too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastertrt.errors import InputError
+
+KINDS = ("cpu", "gpu")
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "bool": "TYPE_BOOL"}
+_PACKAGE = Path(__file__).resolve().parent.parent  # the checkout or the installed fastertrt
+
+
+@dataclass
+class TritonOptions:
+    name: str | None = None
+    max_batch: int = 32
+    instances: int = 2
+    kind: str = "cpu"
+    env: Path | None = None          # EXECUTION_ENV_PATH: a venv with numpy<2, onnxruntime, tokenizers
+    threads: int | None = None       # ONNX Runtime intra-op threads per instance
+    max_queue_delay_us: int = 2000
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    def copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=copy)
+
+
+def _runtime_sources(lib: Path) -> None:
+    """fastertrt/{__init__,errors}.py, runtime/ and plugins/ (engines need the plugins'
+    TensorRT creators) as the package `fastertrt` under lib/."""
+    import fastertrt
+    import fastertrt.plugins
+    import fastertrt.runtime
+
+    pkg = lib / "fastertrt"
+    pkg.mkdir(parents=True)
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy2(Path(fastertrt.__file__).with_name(name), pkg / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(fastertrt.runtime.__file__).parent, pkg / "runtime", ignore=ignore)
+    shutil.copytree(Path(fastertrt.plugins.__file__).parent, pkg / "plugins", ignore=ignore)
+
+
+def _dims(shape: list) -> str:
+    return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape) + " ]"
+
+
+def _io(kind: str, name: str, dtype: str, dims: str, optional: bool = False) -> str:
+    opt = "\n    optional: true" if optional else ""
+    return f"  {{\n    name: \"{name}\"\n    data_type: {dtype}\n    dims: {dims}{opt}\n  }}"
+
+
+def _preferred(manifest: dict, max_batch: int) -> list[int]:
+    """Batch sizes the dynamic batcher aims for: the engines' profile optima and
+    maxima where there are engines, else powers of two up to max_batch."""
+    sizes = set()
+    for e in manifest.get("engines", []):
+        for prof in e.get("profiles", []):
+            for dim in ("batch", "rows"):
+                if dim in prof["dims"]:
+                    sizes.update(int(v) for v in prof["dims"][dim][1:])
+    if not sizes:
+        sizes = {b for b in (4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}
+    return sorted(s for s in sizes if 1 < s <= max_batch) or [max_batch]
+
+
+def config_text(manifest: dict, opts: TritonOptions, name: str) -> str:
+    kind = manifest["kind"]
+    if kind == "encoder":
+        inputs = [_io("in", "TEXT", "TYPE_STRING", "[ 1 ]", True), _io("in", "input_ids", "TYPE_INT64", "[ -1 ]", True),
+                  _io("in", "attention_mask", "TYPE_INT64", "[ -1 ]", True)]
+        outputs = [_io("out", o["name"], _TRITON_TYPES[o["dtype"]], _dims(o["shape"][1:]))
+                   for o in manifest["graphs"]["encoder"]["outputs"]]
+    elif kind == "decoder":
+        inputs = [_io("in", "TEXT", "TYPE_STRING", "[ 1 ]", True), _io("in", "input_ids", "TYPE_INT64", "[ -1 ]", True),
+                  _io("in", "attention_mask", "TYPE_INT64", "[ -1 ]", True)]
+        outputs = [_io("out", "TEXT_OUT", "TYPE_STRING", "[ 1 ]"), _io("out", "token_ids", "TYPE_INT64", "[ -1 ]"),
+                   _io("out", "scores", "TYPE_FP32", "[ 1 ]")]
+    else:
+        raise InputError(f"export-triton serves encoder and decoder bundles; this one is a {kind!r} bundle")
+    params = {"FASTERTRT_BACKEND": "tensorrt" if opts.kind == "gpu" else "onnxruntime"}
+    if opts.env:
+        params["EXECUTION_ENV_PATH"] = str(Path(opts.env).resolve())
+    if opts.threads:
+        params["FASTERTRT_THREADS"] = str(int(opts.threads))
+    parameters = "\n".join(f"parameters: {{\n  key: \"{k}\"\n  value: {{ string_value: \"{v}\" }}\n}}"
+                           for k, v in params.items())
+    preferred = ", ".join(str(b) for b in _preferred(manifest, opts.max_batch))
+    return (f"name: \"{name}\"\nbackend: \"python\"\nmax_batch_size: {opts.max_batch}\n"
+            f"input [\n{(',' + chr(10)).join(inputs)}\n]\noutput [\n{(',' + chr(10)).join(outputs)}\n]\n"
+            f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+            f"  max_queue_delay_microseconds: {opts.max_queue_delay_us}\n}}\n"
+            f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: KIND_{opts.kind.upper()}\n  }}\n]\n"
+            f"{parameters}\n")
+
+
+def _check(opts: TritonOptions, manifest: dict) -> None:
+    if opts.kind not in KINDS:
+        raise InputError(f"--kind must be one of {KINDS}, got {opts.kind!r}")
+    if opts.max_batch < 1 or opts.instances < 1:
+        raise InputError(f"--max-batch and --instances must be at least 1 (got {opts.max_batch}, {opts.instances})")
+    if opts.kind == "gpu" and not manifest.get("engines"):
+        raise InputError("--kind gpu serves the bundle's TensorRT engines, and this bundle has none; build them "
+                         "with: fastertrt build BUNDLE, or export with --kind cpu (ONNX Runtime)")
+    if opts.env is not None and not (Path(opts.env) / "bin" / "python3").exists():
+        raise InputError(f"--env {opts.env} is not a Python environment (no bin/python3); make one with: "
+                         f"python3 -m venv ENV && ENV/bin/pip install 'numpy<2' onnxruntime tokenizers")
+    if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
+        raise InputError(f"--name {opts.name!r} cannot name a model folder")
+
+
+def plan_engine(manifest: dict) -> dict | None:
+    """A standard-TensorRT engine with no fastertrt plugins (Triton's tensorrt_plan can serve it)."""
+    for e in manifest.get("engines", []):
+        if e["backend"] == "tensorrt" and not e.get("plugins") and manifest["kind"] == "encoder":
+            return e
+    return None
+
+
+def export_repository(bundle, output, opts: TritonOptions | None = None, overwrite: bool = False) -> dict:
+    """Write the repository; returns {'name', 'models': [...], 'notes': [...]}."""
+    from fastertrt.compiler.bundle import staging
+    from fastertrt.runtime.manifest import read_manifest, verify_files
+
+    opts = opts or TritonOptions()
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest)
+    _check(opts, manifest)
+    name = opts.name or bundle.resolve().name.removesuffix(".bundle").replace(".", "_")
+    notes, models = [], [name]
+    with staging(Path(output), overwrite) as stage:
+        version = stage / name / "1"
+        version.mkdir(parents=True)
+        (stage / name / "config.pbtxt").write_text(config_text(manifest, opts, name))
+        shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
+        _link_tree(bundle, version / "bundle")
+        _runtime_sources(version / "lib")
+        engine = plan_engine(manifest)
+        if engine is not None:
+            models.append(_plan_model(stage, name, engine, bundle, opts))
+        elif manifest.get("engines"):
+            notes.append("the bundle's engines hold fastertrt's Python plugins (or were built by TensorRT-RTX), "
+                         "which Triton's tensorrt_plan platform cannot load: serve them with the python-backend "
+                         f"model {name} (--kind gpu)")
+    return {"name": name, "models": models, "notes": notes}
+
+
+def _plan_model(stage: Path, name: str, engine: dict, bundle: Path, opts: TritonOptions) -> str:
+    plan = f"{name}_plan"
+    (stage / plan / "1").mkdir(parents=True)
+    shutil.copy2(bundle / engine["file"], stage / plan / "1" / "model.plan")
+    (stage / plan / "config.pbtxt").write_text(
+        f"name: \"{plan}\"\nplatform: \"tensorrt_plan\"\nmax_batch_size: 0\n"
+        f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: KIND_GPU\n  }}\n]\n")
+    return plan

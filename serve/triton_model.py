@@ -1,0 +1,142 @@
+"""The Triton Python-backend model that serves a fastertrt bundle: copied into a
+model repository as `<name>/1/model.py` next to the bundle and the runtime's
+sources (`lib/`), so the serving environment needs only numpy < 2, onnxruntime
+and tokenizers (and tensorrt + cuda-python for engines).
+
+Triton hands `execute` every request its dynamic batcher gathered; they are run
+as one padded batch through the runtime and the outputs split back per request.
+A bad request gets an error response naming the problem; the others in the
+batch are still served.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # only inside tritonserver's Python stub
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, os.path.join(here, "lib"))
+        from fastertrt.runtime import load
+
+        self.config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.backend = params.get("FASTERTRT_BACKEND", "onnxruntime")
+        threads = int(params.get("FASTERTRT_THREADS", "0")) or None
+        self.model = load(os.path.join(here, "bundle"), backend=self.backend, threads=threads)
+        self.kind = self.model.manifest["kind"]
+        self.outputs = [o["name"] for o in self.config["output"]]
+        self.max_length = self.model.max_length
+
+    # --- requests ---------------------------------------------------------------
+    def _params(self, request, allowed):
+        raw = request.parameters()
+        params = json.loads(raw) if raw else {}
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise BadRequest(f"unknown parameter(s) {unknown}; this model takes {sorted(allowed) or 'none'}")
+        return params
+
+    def _rows(self, request):
+        """Token id rows of one request: from TEXT (BYTES [n, 1]) or input_ids (+ attention_mask)."""
+        text = pb_utils.get_input_tensor_by_name(request, "TEXT")
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if (text is None) == (ids is None):
+            raise BadRequest("send exactly one of TEXT (BYTES) or input_ids (INT64)")
+        if text is not None:
+            if self.model.tokenizer is None:
+                raise BadRequest("this bundle has no tokenizer: send input_ids")
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in text.as_numpy().reshape(-1)]
+            if any(not t.strip() for t in texts):
+                raise BadRequest("TEXT holds an empty string")
+            rows = self.model.tokenizer.encode(texts, truncate=False)
+        else:
+            arr = ids.as_numpy()
+            mask = pb_utils.get_input_tensor_by_name(request, "attention_mask")
+            mask = mask.as_numpy() if mask is not None else np.ones_like(arr)
+            if mask.shape != arr.shape:
+                raise BadRequest(f"attention_mask has shape {list(mask.shape)}; input_ids has {list(arr.shape)}")
+            rows = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(arr, mask)]
+            if any(not r for r in rows):
+                raise BadRequest("a row of input_ids has no token with attention_mask 1")
+            bad = [t for r in rows for t in r if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise BadRequest(f"token id {bad[0]} lies outside the vocabulary [0, {self.model.vocab_size})")
+        longest = max(len(r) for r in rows)
+        if longest > self.max_length:
+            raise BadRequest(f"a row has {longest} tokens; this model takes at most {self.max_length}")
+        return rows
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        work = []  # (request index, rows, params)
+        for i, request in enumerate(requests):
+            try:
+                allowed = () if self.kind == "encoder" else (
+                    "max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "eos_token_id",
+                    "early_stopping")
+                work.append((i, self._rows(request), self._params(request, allowed)))
+            except (BadRequest, ValueError) as exc:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        if self.kind == "encoder":
+            self._encode(work, responses)
+        else:
+            for i, rows, params in work:
+                responses[i] = self._generate(rows, params)
+        return responses
+
+    def _encode(self, work, responses):
+        if not work:
+            return
+        rows = [r for _, request_rows, _ in work for r in request_rows]
+        try:
+            out = self.model.encode(rows)
+        except Exception as exc:  # the runtime's named errors; one failure answers every request of the batch
+            for i, _, _ in work:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            return
+        start = 0
+        for i, request_rows, _ in work:
+            n, width = len(request_rows), max(len(r) for r in request_rows)
+            tensors = []
+            for name in self.outputs:
+                value = out[name][start:start + n]
+                if value.ndim == 3:  # per-token outputs: this request's own padded length
+                    value = value[:, :width]
+                tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start += n
+
+    def _generate(self, rows, params):
+        try:
+            kw = {k: params[k] for k in ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
+                                         "early_stopping") if k in params}
+            for key in ("max_new_tokens", "min_new_tokens", "num_beams"):
+                if key in kw:
+                    kw[key] = int(kw[key])
+            if "length_penalty" in kw:
+                kw["length_penalty"] = float(kw["length_penalty"])
+            if "eos_token_id" in params:
+                kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
+            gen = self.model.generate(rows, **kw)
+        except Exception as exc:  # InputError names the bad option
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        width = max(len(t) for t in gen.new_tokens)
+        ids = np.full((len(gen.new_tokens), width), -1, dtype=np.int64)
+        for r, t in enumerate(gen.new_tokens):
+            ids[r, :len(t)] = t
+        texts = np.array([(t or "").encode("utf-8") for t in (gen.texts or [""] * len(gen.new_tokens))],
+                         dtype=object).reshape(-1, 1)
+        tensors = {"TEXT_OUT": texts, "token_ids": ids, "scores": np.asarray(gen.scores, np.float32).reshape(-1, 1)}
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, tensors[n]) for n in self.outputs])
+
+    def finalize(self):
+        self.model = None
