@@ -35,6 +35,7 @@ class TritonOptions:
     env: Path | None = None          # EXECUTION_ENV_PATH: a venv with numpy<2, onnxruntime, tokenizers
     threads: int | None = None       # ONNX Runtime intra-op threads per instance
     max_queue_delay_us: int = 2000
+    python: str | None = None        # the environment's Python version (the backend stub must match it)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -124,9 +125,10 @@ def _check(opts: TritonOptions, manifest: dict) -> None:
     if opts.kind == "gpu" and not manifest.get("engines"):
         raise InputError("--kind gpu serves the bundle's TensorRT engines, and this bundle has none; build them "
                          "with: fastertrt build BUNDLE, or export with --kind cpu (ONNX Runtime)")
-    if opts.env is not None and not (Path(opts.env) / "bin" / "python3").exists():
-        raise InputError(f"--env {opts.env} is not a Python environment (no bin/python3); make one with: "
-                         f"python3 -m venv ENV && ENV/bin/pip install 'numpy<2' onnxruntime tokenizers")
+    if opts.env is not None:
+        from fastertrt.serve.environment import check_env
+
+        opts.python = check_env(Path(opts.env))["python"]
     if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
         raise InputError(f"--name {opts.name!r} cannot name a model folder")
 
@@ -165,7 +167,7 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
             notes.append("the bundle's engines hold fastertrt's Python plugins (or were built by TensorRT-RTX), "
                          "which Triton's tensorrt_plan platform cannot load: serve them with the python-backend "
                          f"model {name} (--kind gpu)")
-    return {"name": name, "models": models, "notes": notes}
+    return {"name": name, "models": models, "notes": notes, "python": opts.python}
 
 
 def _plan_model(stage: Path, name: str, engine: dict, bundle: Path, opts: TritonOptions) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from fastertrt.tools.cli import main
 
-COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench", "compare")
+COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench", "compare", "export-triton", "serve", "serve-env")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -63,6 +63,27 @@ examples:
 exit status: 0 when every stage is within tolerance of its upstream neighbour, 1 when one is not, 2 on bad input.
 """
 
+EPILOG_EXPORT_TRITON = """\
+examples:
+  fastertrt serve-env triton-env                               # once: numpy<2, onnxruntime, tokenizers
+  fastertrt export-triton minilm.bundle -o models --env triton-env
+  fastertrt export-triton minilm.bundle -o models --name embed --max-batch 64 --instances 4 --env triton-env
+  fastertrt export-triton smollm2.bundle -o models --env triton-env --max-batch 8
+  fastertrt export-triton minilm.bundle -o models --kind gpu --env triton-env   # TensorRT engines, KIND_GPU
+  tritonserver --model-repository models                        # or: fastertrt serve minilm.bundle --env triton-env
+"""
+EPILOG_SERVE = """\
+examples:
+  fastertrt serve minilm.bundle --env triton-env               # loopback, free ports, until Ctrl-C
+  fastertrt serve models --env triton-env --http-port 8000      # an exported repository
+  curl -s localhost:PORT/v2/models/minilm/infer -d '{"inputs":[{"name":"TEXT","shape":[1,1],"datatype":"BYTES","data":["hello"]}]}'
+"""
+EPILOG_SERVE_ENV = """\
+examples:
+  fastertrt serve-env triton-env            # python -m venv + numpy<2, onnxruntime, tokenizers
+  fastertrt serve-env triton-env --gpu      # + cuda-python (install the engine's TensorRT yourself)
+"""
+
 EPILOG_BUILD = """\
 examples:
   fastertrt build minilm.bundle --precision fp16                         # TensorRT-RTX, sm80/86/89, no GPU needed
@@ -275,6 +296,48 @@ def _parser() -> argparse.ArgumentParser:
                     "layer search")
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
+    et = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for a bundle",
+                        epilog=EPILOG_EXPORT_TRITON, formatter_class=fmt, description=(
+                            "Write a model repository whose model runs fastertrt's runtime in Triton's Python "
+                            "backend: config.pbtxt from the manifest (encoders: TEXT or input_ids in, the "
+                            "bundle's outputs out; decoders: prompt in, generated text, token ids and scores "
+                            "out, generation options as request parameters), dynamic batching, instance "
+                            "groups and EXECUTION_ENV_PATH; the bundle and the runtime's sources are copied "
+                            "in. A standard-TensorRT engine without fastertrt plugins is also offered on "
+                            "Triton's tensorrt_plan platform."))
+    et.add_argument("bundle")
+    et.add_argument("-o", "--output", required=True, help="repository folder to write")
+    et.add_argument("--name", default=None, help="model name (default: the bundle folder's name)")
+    et.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
+    et.add_argument("--instances", type=int, default=2, help="model instances (default 2)")
+    et.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="cpu: ONNX Runtime; gpu: the bundle's "
+                    "TensorRT engines (default cpu)")
+    et.add_argument("--env", default=None, help="EXECUTION_ENV_PATH: a venv with numpy<2 and the runtime's "
+                    "packages (fastertrt serve-env makes one); default: the python3 first on tritonserver's PATH")
+    et.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance")
+    et.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+
+    sv = sub.add_parser("serve", help="serve a bundle with a local tritonserver", epilog=EPILOG_SERVE,
+                        formatter_class=fmt, description=(
+                            "Export the bundle to a temporary repository (or take an exported one), start the "
+                            "tritonserver that the nvidia-pytriton wheel ships on loopback, wait until it is "
+                            "ready, print the endpoints, and stop it cleanly on Ctrl-C."))
+    sv.add_argument("source", help="a bundle, or a repository written by export-triton")
+    sv.add_argument("--env", default=None, help="the serving environment (see export-triton --env)")
+    sv.add_argument("--http-port", type=int, default=0, help="HTTP port (default: a free one)")
+    sv.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
+    sv.add_argument("--metrics-port", type=int, default=0, help="metrics port (default: a free one)")
+    sv.add_argument("--instances", type=int, default=2, help="model instances when exporting a bundle")
+    sv.add_argument("--max-batch", type=int, default=32, help="max_batch_size when exporting a bundle")
+
+    se = sub.add_parser("serve-env", help="make the Python environment Triton's Python backend runs the model in",
+                        epilog=EPILOG_SERVE_ENV, formatter_class=fmt, description=(
+                            "Create a venv with numpy<2, onnxruntime and tokenizers (what the runtime needs; "
+                            "tritonserver's Python backend misreads inputs under numpy 2) for export-triton "
+                            "--env."))
+    se.add_argument("path")
+    se.add_argument("--gpu", action="store_true", help="also install cuda-python")
+
     b = sub.add_parser("bench", help="time the bundle against torch", epilog=EPILOG_BENCH, formatter_class=fmt,
                        description="Time torch eager (when installed) and the bundle on ONNX Runtime on the same "
                                    "inputs, each in its own process (for a fair peak RSS): encoder latency per "
@@ -302,7 +365,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"compile": _compile, "build": _build, "calibrate": _calibrate, "run": _run, "inspect": _inspect, "bench": _bench,
-                    "compare": _compare}
+                    "compare": _compare, "export-triton": _export_triton, "serve": _serve, "serve-env": _serve_env}
         return commands[args.command](args)
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -422,6 +485,77 @@ def _inspect(args) -> int:
     text, manifest, problems = describe(args.bundle, layers=args.layers, engine_layers=args.engine_layers)
     print(json.dumps({**manifest, "problems": problems}, indent=2) if args.json else text)
     return 1 if problems else 0
+
+
+def _export_triton(args) -> int:
+    from pathlib import Path
+
+    from fastertrt.serve.repository import TritonOptions, export_repository
+
+    opts = TritonOptions(name=args.name, max_batch=args.max_batch, instances=args.instances, kind=args.kind,
+                         env=Path(args.env) if args.env else None, threads=args.threads)
+    out = export_repository(args.bundle, args.output, opts, overwrite=args.force)
+    print(f"wrote {args.output}: model(s) {', '.join(out['models'])}")
+    for note in out["notes"]:
+        print(f"note: {note}")
+    print(f"serve it: fastertrt serve {args.output}" + (f" --env {args.env}" if args.env else ""))
+    return 0
+
+
+def _serve(args) -> int:
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from fastertrt.serve.repository import TritonOptions, export_repository
+    from fastertrt.serve.server import TritonServer
+
+    source = Path(args.source)
+    python = None
+    with tempfile.TemporaryDirectory(prefix="fastertrt-repo-") as tmp:
+        if (source / "manifest.json").is_file():
+            opts = TritonOptions(max_batch=args.max_batch, instances=args.instances,
+                                 env=Path(args.env) if args.env else None)
+            python = export_repository(source, Path(tmp) / "models", opts)["python"]
+            repo = Path(tmp) / "models"
+        else:
+            repo = source
+            if args.env:
+                from fastertrt.serve.environment import check_env
+
+                python = check_env(Path(args.env))["python"]
+        ports = [args.http_port, args.grpc_port, args.metrics_port]
+        server = TritonServer(repo, ports=ports if all(ports) else [])
+        if python:
+            server.python = python
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        with server:
+            print(f"tritonserver (pid {server.pid}) serving {repo}\n  HTTP    http://{server.http}\n"
+                  f"  gRPC    {server.grpc}\n  metrics http://{server.metrics}/metrics\n"
+                  f"  log     {server.log}\nCtrl-C stops it.", flush=True)
+            try:
+                while not stop and server.process.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+            if server.process.poll() is not None:
+                print(f"tritonserver exited ({server.process.returncode}); its log ends:\n{server.log_tail()}")
+                return 1
+        print("stopped")
+    return 0
+
+
+def _serve_env(args) -> int:
+    from pathlib import Path
+
+    from fastertrt.serve.environment import make_env
+
+    info = make_env(Path(args.path), gpu=args.gpu)
+    print(f"{'kept' if info.get('reused') else 'made'} {args.path}: Python {info['python']}, numpy {info['numpy']}, onnxruntime {info['onnxruntime']}; "
+          f"use it with: fastertrt export-triton BUNDLE -o REPO --env {args.path}")
+    return 0
 
 
 def _compare(args) -> int:
