@@ -187,3 +187,19 @@ def test_export_errors(bundles, tmp_path, capsys):
     assert main(["export-triton", bundle, "-o", str(tmp_path / "r"), "--env", str(numpy2)]) == 2
     assert "misreads inputs under numpy 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_triton_writes_side_by_side_rows(bundles, tmp_path):
+    """The bench's plumbing (its numbers come from `fastertrt bench --triton`, not from this test)."""
+    from fastertrt.tools.bench_triton import run_triton_bench
+
+    out = tmp_path / "bench.json"
+    result = run_triton_bench(bundles.tiny("bert"), _serve_env(), concurrencies=(1, 4), requests=24, threads=1,
+                              output=out)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == result["rows"] and len(rows) == 4
+    assert {r["backend"] for r in rows} == {"in-process runtime", "tritonserver (python backend)"}
+    for r in rows:
+        assert r["requests"] == 24 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    served = [r for r in rows if "executions" in r]
+    assert all(1 <= r["executions"] <= 24 for r in served)

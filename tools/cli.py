@@ -48,6 +48,7 @@ examples:
   fastertrt bench smollm2.bundle --new-tokens 32 --repeats 3
   fastertrt bench minilm.bundle --batch 1 --seq 64 --no-torch
   fastertrt bench minilm-int8.bundle --int8-methods all      # + ORT dynamic INT8 (the peer) and each calibrator
+  fastertrt bench minilm.bundle --triton --env triton-env -o bench-triton.json   # served vs in process
 """
 EPILOG_COMPARE = """\
 examples:
@@ -354,6 +355,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
     b.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    b.add_argument("--triton", action="store_true", help="encoders: requests/s and p50/p99 latency through a "
+                   "local tritonserver at concurrency 1, 8, 32 against the in-process runtime (needs --env)")
+    b.add_argument("--env", default=None, help="with --triton: the serving environment (fastertrt serve-env ENV)")
     b.add_argument("--no-int8", action="store_true", help="calibrated bundles: skip the INT8 rows")
     b.add_argument("--int8-methods", default="own",
                    help="calibrated bundles: INT8 rows for 'own' (the bundle's calibration, default), 'all' "
@@ -585,6 +589,18 @@ def _compare(args) -> int:
 
 
 def _bench(args) -> int:
+    from pathlib import Path
+
+    if args.triton:
+        from fastertrt.tools.bench_triton import run_triton_bench
+
+        if not args.env:
+            from fastertrt.errors import InputError
+
+            raise InputError("bench --triton needs the serving environment: --env ENV (fastertrt serve-env ENV)")
+        run_triton_bench(Path(args.bundle), Path(args.env), threads=args.threads,
+                         output=Path(args.output) if args.output else None)
+        return 0
     from fastertrt.tools.bench import run_bench
 
     run_bench(args)
