@@ -8,7 +8,8 @@ bundle. The model runs fastertrt's runtime in Triton's Python backend:
     REPO/NAME/1/lib/fastertrt/  the runtime's own sources (no torch, no compiler)
 
 Where the bundle holds a standard-TensorRT engine without fastertrt plugins,
-REPO/NAME_plan/ serves that engine on Triton's own `tensorrt_plan` platform too.
+REPO/NAME_plan/ serves that engine on Triton's own `tensorrt_plan` platform too. A
+decoder also gets REPO/NAME_stream/: greedy streaming in Triton's decoupled mode.
 """
 
 from __future__ import annotations
@@ -87,9 +88,14 @@ def _preferred(manifest: dict, max_batch: int) -> list[int]:
     return sorted(s for s in sizes if 1 < s <= max_batch) or [max_batch]
 
 
-def config_text(manifest: dict, opts: TritonOptions, name: str) -> str:
+def config_text(manifest: dict, opts: TritonOptions, name: str, stream: bool = False) -> str:
+    """stream: the decoder's greedy streaming model (Triton's decoupled mode: one
+    response per new token, then a final flag), one prompt per request."""
     kind = manifest["kind"]
-    if kind == "encoder":
+    if stream:
+        inputs = [_io("in", "TEXT", "TYPE_STRING", "[ 1 ]", True), _io("in", "input_ids", "TYPE_INT64", "[ -1 ]", True)]
+        outputs = [_io("out", "TEXT_OUT", "TYPE_STRING", "[ 1 ]"), _io("out", "token_ids", "TYPE_INT64", "[ 1 ]")]
+    elif kind == "encoder":
         inputs = [_io("in", "TEXT", "TYPE_STRING", "[ 1 ]", True), _io("in", "input_ids", "TYPE_INT64", "[ -1 ]", True),
                   _io("in", "attention_mask", "TYPE_INT64", "[ -1 ]", True)]
         outputs = [_io("out", o["name"], _TRITON_TYPES[o["dtype"]], _dims(o["shape"][1:]))
@@ -109,10 +115,12 @@ def config_text(manifest: dict, opts: TritonOptions, name: str) -> str:
     parameters = "\n".join(f"parameters: {{\n  key: \"{k}\"\n  value: {{ string_value: \"{v}\" }}\n}}"
                            for k, v in params.items())
     preferred = ", ".join(str(b) for b in _preferred(manifest, opts.max_batch))
-    return (f"name: \"{name}\"\nbackend: \"python\"\nmax_batch_size: {opts.max_batch}\n"
+    batching = ("model_transaction_policy {\n  decoupled: true\n}\n" if stream else
+                f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+                f"  max_queue_delay_microseconds: {opts.max_queue_delay_us}\n}}\n")
+    return (f"name: \"{name}\"\nbackend: \"python\"\nmax_batch_size: {0 if stream else opts.max_batch}\n"
             f"input [\n{(',' + chr(10)).join(inputs)}\n]\noutput [\n{(',' + chr(10)).join(outputs)}\n]\n"
-            f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
-            f"  max_queue_delay_microseconds: {opts.max_queue_delay_us}\n}}\n"
+            f"{batching}"
             f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: KIND_{opts.kind.upper()}\n  }}\n]\n"
             f"{parameters}\n")
 
@@ -153,13 +161,17 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
     _check(opts, manifest)
     name = opts.name or bundle.resolve().name.removesuffix(".bundle").replace(".", "_")
     notes, models = [], [name]
+    if manifest["kind"] == "decoder":
+        models.append(f"{name}_stream")
     with staging(Path(output), overwrite) as stage:
-        version = stage / name / "1"
-        version.mkdir(parents=True)
-        (stage / name / "config.pbtxt").write_text(config_text(manifest, opts, name))
-        shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
-        _link_tree(bundle, version / "bundle")
-        _runtime_sources(version / "lib")
+        for model in models:
+            version = stage / model / "1"
+            version.mkdir(parents=True)
+            (stage / model / "config.pbtxt").write_text(
+                config_text(manifest, opts, model, stream=model.endswith("_stream") and model != name))
+            shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
+            _link_tree(bundle, version / "bundle")
+            _runtime_sources(version / "lib")
         engine = plan_engine(manifest)
         if engine is not None:
             models.append(_plan_model(stage, name, engine, bundle, opts))

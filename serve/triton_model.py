@@ -35,6 +35,7 @@ class TritonPythonModel:
         self.kind = self.model.manifest["kind"]
         self.outputs = [o["name"] for o in self.config["output"]]
         self.max_length = self.model.max_length
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
 
     # --- requests ---------------------------------------------------------------
     def _params(self, request, allowed):
@@ -60,8 +61,9 @@ class TritonPythonModel:
             rows = self.model.tokenizer.encode(texts, truncate=False)
         else:
             arr = ids.as_numpy()
+            arr = arr.reshape(1, -1) if arr.ndim == 1 else arr  # the streaming model takes one unbatched prompt
             mask = pb_utils.get_input_tensor_by_name(request, "attention_mask")
-            mask = mask.as_numpy() if mask is not None else np.ones_like(arr)
+            mask = mask.as_numpy().reshape(arr.shape[0], -1) if mask is not None else np.ones_like(arr)
             if mask.shape != arr.shape:
                 raise BadRequest(f"attention_mask has shape {list(mask.shape)}; input_ids has {list(arr.shape)}")
             rows = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(arr, mask)]
@@ -76,6 +78,10 @@ class TritonPythonModel:
         return rows
 
     def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
         responses = [None] * len(requests)
         work = []  # (request index, rows, params)
         for i, request in enumerate(requests):
@@ -137,6 +143,32 @@ class TritonPythonModel:
                          dtype=object).reshape(-1, 1)
         tensors = {"TEXT_OUT": texts, "token_ids": ids, "scores": np.asarray(gen.scores, np.float32).reshape(-1, 1)}
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, tensors[n]) for n in self.outputs])
+
+    def _stream(self, request):
+        """Greedy generation, one response per new token (its id and the text it adds),
+        then the final flag; an error ends the stream with an error response."""
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            rows = self._rows(request)
+            params = self._params(request, ("max_new_tokens", "min_new_tokens", "eos_token_id"))
+            kw = {k: int(params[k]) for k in ("max_new_tokens", "min_new_tokens") if k in params}
+            if "eos_token_id" in params:
+                kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
+            tokens, said = [], [""]
+
+            def on_token(step, new):
+                tokens.append(int(new[0]))
+                text = self.model.tokenizer.decode(tokens) if self.model.tokenizer else ""
+                piece, said[0] = text[len(said[0]):] if text.startswith(said[0]) else text, text
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("TEXT_OUT", np.array([piece.encode("utf-8")], dtype=object)),
+                    pb_utils.Tensor("token_ids", np.array([tokens[-1]], dtype=np.int64))]))
+
+            self.model.generate(rows[:1], num_beams=1, on_token=on_token, **kw)
+            sender.send(flags=final)
+        except Exception as exc:  # noqa: BLE001 - the stream must end with the error, never hang
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
 
     def finalize(self):
         self.model = None

@@ -43,7 +43,8 @@ def server(bundles, tmp_path_factory):
     # a second model in the same repository: the tiny decoder
     export_repository(bundles.tiny("llama"), repo.with_name("dec"), TritonOptions(name="tinyllama", env=env,
                                                                                    max_batch=4, instances=1))
-    (repo / "tinyllama").symlink_to(repo.with_name("dec") / "tinyllama", target_is_directory=True)
+    for model in ("tinyllama", "tinyllama_stream"):
+        (repo / model).symlink_to(repo.with_name("dec") / model, target_is_directory=True)
     srv = TritonServer(repo, python=info["python"])
     srv.start()
     yield srv
@@ -177,6 +178,43 @@ def test_decoder_generates_like_the_runtime(server, bundles, beams):
     np.testing.assert_allclose(res.as_numpy("scores")[0, 0], want.scores[0], atol=1e-5)
     with pytest.raises(Exception, match="num_beams"):
         client.infer("tinyllama", [inp], parameters={"num_beams": 0})
+
+
+def test_decoder_streams_greedy_tokens_in_decoupled_mode(server, bundles):
+    import queue
+
+    import tritonclient.grpc as grpc
+
+    import fastertrt
+
+    prompt = [7, 21, 3, 44, 9]
+    want = fastertrt.load(bundles.tiny("llama")).generate([prompt], max_new_tokens=5, min_new_tokens=5)
+    cfg = (Path(server.repository) / "tinyllama_stream" / "config.pbtxt").read_text()
+    assert "decoupled: true" in cfg and "max_batch_size: 0" in cfg
+    got: queue.Queue = queue.Queue()
+    client = grpc.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        inp = grpc.InferInput("input_ids", [len(prompt)], "INT64")
+        inp.set_data_from_numpy(np.array(prompt, np.int64))
+        client.async_stream_infer("tinyllama_stream", [inp], parameters={"max_new_tokens": 5, "min_new_tokens": 5},
+                                  enable_empty_final_response=True)
+        tokens = []
+        while True:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if result.as_numpy("token_ids") is not None:
+                tokens.append(int(result.as_numpy("token_ids")[0]))
+            if final:
+                break
+        assert tokens == [int(t) for t in want.new_tokens[0]] and len(tokens) == 5
+        # a bad request ends its stream with an error
+        client.async_stream_infer("tinyllama_stream", [inp], parameters={"num_beams": 2})
+        result, error = got.get(timeout=60)
+        assert error is not None and "unknown parameter" in str(error)
+    finally:
+        client.stop_stream()
 
 
 def test_export_errors(bundles, tmp_path, capsys):
