@@ -161,6 +161,10 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
     _check(opts, manifest)
     name = opts.name or bundle.resolve().name.removesuffix(".bundle").replace(".", "_")
     notes, models = [], [name]
+    if opts.env is None:
+        notes.append("no --env: the model runs in the python3 first on tritonserver's PATH, which needs numpy<2, "
+                     "onnxruntime and tokenizers (under numpy 2 the backend stub misreads inputs silently); "
+                     "fastertrt serve-env ENV makes such an environment")
     if manifest["kind"] == "decoder":
         models.append(f"{name}_stream")
     with staging(Path(output), overwrite) as stage:
