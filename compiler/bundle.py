@@ -57,6 +57,14 @@ def staging(out: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src, dst) -> None:
+    """A hard link where the filesystem allows (no copy of large weights), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @contextlib.contextmanager
 def updating(bundle):
     """Yield (stage, manifest) for changing an existing bundle atomically: its
@@ -71,10 +79,7 @@ def updating(bundle):
         for rel in manifest["files"]:
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(bundle / rel, dst)  # same filesystem: no copy of large weights
-            except OSError:
-                shutil.copy2(bundle / rel, dst)
+            link_or_copy(bundle / rel, dst)
         yield stage, manifest
 
 

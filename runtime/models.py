@@ -37,20 +37,23 @@ class _Model:
         return f"{type(self).__name__}({info.get('family')} from {self.bundle}, graphs={list(self.graphs)})"
 
 
+def encoder_feeds(manifest: dict, rows: list[list[int]]) -> dict:
+    """The encoder graph's feeds for id rows: right-padded with the model's own pad
+    id (RoBERTa derives positions from it), one token type."""
+    info = manifest["model"]
+    pad = info.get("pad_token_id")
+    ids, mask = pad_rows(rows, pad if pad is not None else 0, left=False)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: feeds[n] for n in info["input_names"]}
+
+
 class Encoder(_Model):
     """encode(texts or ids) -> {output name: array, 'attention_mask': mask}."""
 
     def encode(self, inputs, truncate: bool = True) -> dict:
-        rows = self._rows(inputs, truncate)
-        # the model's own pad id: RoBERTa derives positions from it
-        pad = self.manifest["model"].get("pad_token_id")
-        ids, mask = pad_rows(rows, pad if pad is not None else 0, left=False)
-        names = self.manifest["model"]["input_names"]
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
-        out = self.graphs["encoder"].run({n: feeds[n] for n in names})
-        out["attention_mask"] = mask
+        feeds = encoder_feeds(self.manifest, self._rows(inputs, truncate))
+        out = self.graphs["encoder"].run(feeds)
+        out["attention_mask"] = feeds["attention_mask"]
         return out
 
 

@@ -14,7 +14,6 @@ decoder also gets REPO/NAME_stream/: greedy streaming in Triton's decoupled mode
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +36,6 @@ class TritonOptions:
     threads: int | None = None       # ONNX Runtime intra-op threads per instance
     max_queue_delay_us: int = 2000
     python: str | None = None        # the environment's Python version (the backend stub must match it)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    def copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dst, copy_function=copy)
 
 
 def _runtime_sources(lib: Path) -> None:
@@ -151,7 +140,7 @@ def plan_engine(manifest: dict) -> dict | None:
 
 def export_repository(bundle, output, opts: TritonOptions | None = None, overwrite: bool = False) -> dict:
     """Write the repository; returns {'name', 'models': [...], 'notes': [...]}."""
-    from fastertrt.compiler.bundle import staging
+    from fastertrt.compiler.bundle import link_or_copy, staging
     from fastertrt.runtime.manifest import read_manifest, verify_files
 
     opts = opts or TritonOptions()
@@ -174,7 +163,7 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
             (stage / model / "config.pbtxt").write_text(
                 config_text(manifest, opts, model, stream=model.endswith("_stream") and model != name))
             shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
-            _link_tree(bundle, version / "bundle")
+            shutil.copytree(bundle, version / "bundle", copy_function=link_or_copy)
             _runtime_sources(version / "lib")
         engine = plan_engine(manifest)
         if engine is not None:

@@ -137,6 +137,15 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n{self.log_tail()}")
 
+    def model_stats(self, model: str) -> tuple[int, int]:
+        """(inferences, executions) the server counted for `model`: fewer executions
+        than inferences means the dynamic batcher put requests together."""
+        import json
+
+        with urllib.request.urlopen(f"http://{self.http}/v2/models/{model}/stats") as r:
+            stats = json.loads(r.read())["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
     def log_tail(self, lines: int = 30) -> str:
         if self.log is None:
             return "(no log)"

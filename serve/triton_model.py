@@ -121,18 +121,21 @@ class TritonPythonModel:
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
 
+    @staticmethod
+    def _generation_options(params):
+        """Request parameters as Decoder.generate's keyword arguments."""
+        kw = {k: int(params[k]) for k in ("max_new_tokens", "min_new_tokens", "num_beams") if k in params}
+        if "length_penalty" in params:
+            kw["length_penalty"] = float(params["length_penalty"])
+        if "early_stopping" in params:
+            kw["early_stopping"] = params["early_stopping"]
+        if "eos_token_id" in params:
+            kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
+        return kw
+
     def _generate(self, rows, params):
         try:
-            kw = {k: params[k] for k in ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
-                                         "early_stopping") if k in params}
-            for key in ("max_new_tokens", "min_new_tokens", "num_beams"):
-                if key in kw:
-                    kw[key] = int(kw[key])
-            if "length_penalty" in kw:
-                kw["length_penalty"] = float(kw["length_penalty"])
-            if "eos_token_id" in params:
-                kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
-            gen = self.model.generate(rows, **kw)
+            gen = self.model.generate(rows, **self._generation_options(params))
         except Exception as exc:  # noqa: BLE001 - InputError names the bad option; nothing may crash the stub
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         width = max(len(t) for t in gen.new_tokens)
@@ -152,9 +155,7 @@ class TritonPythonModel:
         try:
             rows = self._rows(request)
             params = self._params(request, ("max_new_tokens", "min_new_tokens", "eos_token_id"))
-            kw = {k: int(params[k]) for k in ("max_new_tokens", "min_new_tokens") if k in params}
-            if "eos_token_id" in params:
-                kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
+            kw = self._generation_options(params)
             tokens, said = [], [""]
 
             def on_token(step, new):

@@ -5,7 +5,6 @@ one a buggy stage produced."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import numpy as np
 
 def copy_bundle(bundle: Path, dst: Path) -> Path:
     """A copy with its own graph files (edited below) and linked weights."""
+    from fastertrt.compiler.bundle import link_or_copy
+
     def copy(src, dst_file):
-        if src.endswith((".onnx", "manifest.json")):
-            shutil.copy2(src, dst_file)
-        else:
-            os.link(src, dst_file)
+        (shutil.copy2 if src.endswith((".onnx", "manifest.json")) else link_or_copy)(src, dst_file)
 
     shutil.copytree(bundle, dst, copy_function=copy)
     return dst

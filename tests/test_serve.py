@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,19 +98,13 @@ def test_outputs_equal_the_runtime_over_http_and_grpc(server, local):
     np.testing.assert_allclose(res.as_numpy("sentence_embedding")[0], want["sentence_embedding"][1], atol=1e-5)
 
 
-def _stats(server, model):
-    with urllib.request.urlopen(f"http://{server.http}/v2/models/{model}/stats") as r:
-        s = json.loads(r.read())["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
-
-
 def test_concurrent_requests_are_answered_and_batched(server, local):
     import tritonclient.http as http
 
     words = "the model runs fast on every token of the text".split()
     texts = [" ".join(words[: 2 + i % 9]) + f" {i}" for i in range(240)]
     want = local.encode(texts)["sentence_embedding"]
-    before = _stats(server, "minilm")
+    before = server.model_stats("minilm")
     local_clients = threading.local()  # one client per thread: tritonclient's HTTP client is not thread-safe
 
     def one(i):
@@ -125,7 +118,7 @@ def test_concurrent_requests_are_answered_and_batched(server, local):
     assert len(got) == 240
     worst = max(float(np.abs(got[i] - want[i]).max()) for i in range(240))
     assert worst < 1e-5, worst
-    after = _stats(server, "minilm")
+    after = server.model_stats("minilm")
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == 240 and executions < inferences / 2, (inferences, executions)  # batched together
 

@@ -6,7 +6,6 @@ accuracy against the FP32 graph on the bundle's held-out samples."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -65,7 +64,9 @@ def int8_rows(bundle: Path, manifest: dict, choice: str, workdir: Path, threads:
         target = bundle
         if method != own:
             target = workdir / f"bundle-{method}"
-            shutil.copytree(bundle, target, copy_function=_link_or_copy)
+            from fastertrt.compiler.bundle import link_or_copy
+
+            shutil.copytree(bundle, target, copy_function=link_or_copy)
             data = calib["data"]["source"]
             print(f"  bench: calibrating a copy with method {method} ...", file=sys.stderr, flush=True)
             calibrate_bundle(target, CalibrationOptions(
@@ -77,13 +78,6 @@ def int8_rows(bundle: Path, manifest: dict, choice: str, workdir: Path, threads:
         variants[name] = (Path(target) / int8["ort_file"], _bytes([Path(target) / int8["ort_file"],
                                                                    *(Path(target) / f for f in int8["files"])]))
     return rows, _accuracy(bundle, manifest, variants, threads)
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _accuracy(bundle: Path, manifest: dict, variants: dict, threads: int) -> dict:

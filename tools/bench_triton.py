@@ -48,14 +48,6 @@ def _drive(call, texts: list[str], concurrency: int) -> dict:
     return {"requests": len(texts), "requests_per_s": len(texts) / wall, **_percentiles(lat)}
 
 
-def _stats(url: str, model: str) -> tuple[int, int]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{url}/v2/models/{model}/stats") as r:
-        s = json.loads(r.read())["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
-
-
 def run_triton_bench(bundle: Path, env: Path, concurrencies=(1, 8, 32), requests: int = 256,
                      instances: int = 1, threads: int | None = None, output: Path | None = None) -> dict:
     import tritonclient.http as http
@@ -91,9 +83,9 @@ def run_triton_bench(bundle: Path, env: Path, concurrencies=(1, 8, 32), requests
             for t in texts[:8]:
                 call(t)
             for c in concurrencies:
-                before = _stats(server.http, "model")
+                before = server.model_stats("model")
                 row = {"backend": "tritonserver (python backend)", "concurrency": c, **_drive(call, texts, c)}
-                after = _stats(server.http, "model")
+                after = server.model_stats("model")
                 row["executions"] = after[1] - before[1]
                 row["mean_batch"] = (after[0] - before[0]) / max(1, after[1] - before[1])
                 rows.append(row)

@@ -16,26 +16,34 @@ def _dims(shape) -> str:
 _LAYER = re.compile(r"^(.*)\.(\d+)\.(key|value)$")
 
 
+def fold_per_layer(items, key=None) -> list[tuple[str, list[int] | None, list]]:
+    """Group (name, payload) pairs in first-seen order: per-layer KV tensors
+    (`prefix.{i}.key/value`) with the same prefix (and the same key(payload))
+    fold into one (prefix, layer numbers, payloads) group; any other name stands
+    alone as (name, None, [payload])."""
+    out, groups = [], {}
+    for name, payload in items:
+        m = _LAYER.match(name)
+        if not m:
+            out.append((name, None, [payload]))
+            continue
+        k = (m.group(1), key(payload) if key else None)
+        if k not in groups:
+            groups[k] = (m.group(1), [], [])
+            out.append(groups[k])
+        groups[k][1].append(int(m.group(2)))
+        groups[k][2].append(payload)
+    return out
+
+
 def _grouped(tensors: list) -> list[tuple[str, str, list]]:
     """(name, dtype, shape) rows with per-layer KV tensors folded into one row."""
-    rows, groups = [], {}
-    for t in tensors:
-        m = _LAYER.match(t["name"])
-        if m:
-            key = (m.group(1), t["dtype"], tuple(t["shape"]))
-            if key not in groups:
-                groups[key] = []
-                rows.append(key)
-            groups[key].append(int(m.group(2)))
-        else:
-            rows.append((t["name"], t["dtype"], tuple(t["shape"])))
     out = []
-    for row in rows:
-        if row in groups:
-            layers = sorted(set(groups[row]))
-            out.append((f"{row[0]}.{{{layers[0]}..{layers[-1]}}}.{{key,value}}", row[1], list(row[2])))
-        else:
-            out.append((row[0], row[1], list(row[2])))
+    for name, layers, group in fold_per_layer(((t["name"], t) for t in tensors),
+                                              key=lambda t: (t["dtype"], tuple(t["shape"]))):
+        if layers is not None:
+            name = f"{name}.{{{min(layers)}..{max(layers)}}}.{{key,value}}"
+        out.append((name, group[0]["dtype"], list(group[0]["shape"])))
     return out
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastertrt.compiler.export.parity import ParityReport, masked_max_abs, ort_session as _ort_session
+from fastertrt.compiler.export.parity import ParityReport, masked_max_abs
+from fastertrt.compiler.export.parity import ort_session as _ort_session
+from fastertrt.runtime.generation import positions
 
 
 def ort_session(path):
@@ -37,8 +39,7 @@ def _left_padded(rng, vocab: int, batch: int, seq: int, beams: int):
         mask[r, :min(seq - 1, 2 * r)] = 0
     ids = _ids(rng, vocab, (batch, seq)) * mask
     ids, mask = np.repeat(ids, beams, axis=0), np.repeat(mask, beams, axis=0)
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-    return ids, mask, pos
+    return ids, mask, positions(mask)
 
 
 def _beam_feeds(rng, batch: int, beams: int, vocab: int) -> dict:

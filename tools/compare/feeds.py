@@ -45,40 +45,26 @@ def _token_rows(bundle: Path, manifest: dict, texts: list[str] | None, count: in
     return [rng.integers(min(5, vocab - 1), vocab, size=n).tolist() for n in lengths]
 
 
-def _pad(rows: list[list[int]], pad: int, left: bool):
-    from fastertrt.runtime.inputs import pad_rows
-
-    return pad_rows(rows, pad, left=left)
-
-
-def encoder_feeds(bundle: Path, manifest: dict, rows: list[list[int]]) -> dict:
-    info = manifest["model"]
-    pad = info.get("pad_token_id")
-    ids, mask = _pad(rows, pad if pad is not None else 0, left=False)
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {n: feeds[n] for n in info["input_names"]}
-
-
 def prefill_feeds(manifest: dict, rows: list[list[int]], beams: int = BEAMS) -> dict:
     """Left-padded prompts, each repeated for its beams, at the first beam step
     (beam 0 at score 0, the others at -1e9, as transformers starts them)."""
+    from fastertrt.runtime.generation import positions
+    from fastertrt.runtime.inputs import pad_rows
+
     info = manifest["model"]
     pad = info.get("pad_token_id")
-    ids, mask = _pad(rows, pad if pad is not None else 0, left=True)
+    ids, mask = pad_rows(rows, pad if pad is not None else 0, left=True)
     ids, mask = np.repeat(ids, beams, axis=0), np.repeat(mask, beams, axis=0)
     scores = np.zeros((len(rows), beams), dtype=np.float32)
     scores[:, 1:] = -1e9
     return {"input_ids": ids, "attention_mask": mask,
-            "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64),
+            "position_ids": positions(mask),
             "beam_scores": scores, "token_bias": np.zeros(int(info["vocab_size"]), dtype=np.float32)}
 
 
-def decode_feeds(bundle: Path, manifest: dict, prefill: dict) -> dict:
+def decode_feeds(session, manifest: dict, prefill: dict) -> dict:
     """One decode step after `prefill`: the cache comes from running the bundle's
-    prefill graph, the new token per row is its best candidate."""
-    from fastertrt.tools.compare.runners import ort_session
-
-    session = ort_session(bundle / manifest["graphs"]["prefill"]["file"])
+    prefill graph (`session`), the new token per row is its best candidate."""
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, prefill)))
     rows = prefill["input_ids"].shape[0]
@@ -105,7 +91,7 @@ def make_feeds(bundle: Path, manifest: dict, graph: str, texts: list[str] | None
     if kind not in ("encoder", "decoder"):
         raise InputError(f"a {kind} bundle has no token inputs to make: pass --load-inputs FILE.json")
     batches = [None] if texts is not None else [3 - i % 2 for i in range(iterations)]
-    out, offset = [], 0
+    out, offset, session = [], 0, None
     for i, count in enumerate(batches):
         if texts is None:
             # distinct sentences per iteration: skip the ones used before
@@ -114,10 +100,17 @@ def make_feeds(bundle: Path, manifest: dict, graph: str, texts: list[str] | None
         else:
             rows = _token_rows(bundle, manifest, texts, len(texts), seed + i, max_tokens)
         if kind == "encoder":
-            out.append(encoder_feeds(bundle, manifest, rows))
+            from fastertrt.runtime.models import encoder_feeds
+
+            out.append(encoder_feeds(manifest, rows))
+        elif graph == "prefill":
+            out.append(prefill_feeds(manifest, rows))
         else:
-            pre = prefill_feeds(manifest, rows)
-            out.append(pre if graph == "prefill" else decode_feeds(bundle, manifest, pre))
+            if session is None:
+                from fastertrt.tools.compare.runners import ort_session
+
+                session = ort_session(bundle / manifest["graphs"]["prefill"]["file"])
+            out.append(decode_feeds(session, manifest, prefill_feeds(manifest, rows)))
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastertrt.plugins.functions import attribute_values
 from fastertrt.tolerances import tolerance
 from fastertrt.tools.compare.metrics import describe, layer_ok, stats, stats_line, tensor_metrics, valid_positions
 
@@ -85,12 +86,6 @@ def read_initializer(tensor, folder: Path) -> np.ndarray:
         f.seek(int(info.get("offset", 0)))
         data = f.read(int(info.get("length", 0)) or count * dtype.itemsize)
     return np.frombuffer(data, dtype=dtype, count=count).reshape(tuple(tensor.dims)).copy()
-
-
-def _attrs(node) -> dict:
-    from fastertrt.plugins.functions import attribute_values
-
-    return attribute_values(node)
 
 
 def _module(node, graph: Graph | None = None) -> str:
@@ -161,7 +156,7 @@ def _weight_reference(got: Graph, ref: Graph, dq) -> tuple[np.ndarray | None, st
         if user.op_type in ("MatMul", "Gemm") and w.ndim == 2:
             inv = _smoothing(got, ref, user, 1 - slot)
             if inv is not None:
-                trans = user.op_type == "Gemm" and _attrs(user).get("transB", 0)
+                trans = user.op_type == "Gemm" and attribute_values(user).get("transB", 0)
                 w = w / (inv[None, :] if trans else inv[:, None])
         return w, twin.input[slot]
     return None, ""
@@ -320,7 +315,7 @@ def _node_changes(node, got: Graph, ref: Graph, ref_label: str) -> list[dict]:
         found.append({"kind": "node-changed", "text": text,
                       "suggestion": "a swapped or rewired tensor: the graph was edited or a rewrite rule connected "
                                     "the wrong value; recompile the bundle, and report it if it comes back"})
-    a, b = _attrs(twin), _attrs(node)
+    a, b = attribute_values(twin), attribute_values(node)
     changed = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     if changed:
         found.append({"kind": "node-changed", "text": f"{node.name}'s attributes differ from {ref_label}'s: "
@@ -349,7 +344,7 @@ def _initializer_changes(node, got: Graph, ref: Graph, ref_label: str, found: li
 
 
 def _plugin_finding(node, ref_label: str, unchecked_output: str = "") -> dict:
-    attrs = _attrs(node)
+    attrs = attribute_values(node)
     shown = ", ".join(f"{k}={v}" for k, v in attrs.items() if k not in ("plugin_namespace",))
     if unchecked_output:
         text = (f"this node reads {unchecked_output} from plugin {node.op_type} node {node.name}, a tensor "

@@ -4,7 +4,6 @@ machines, a PNG of the error per layer for people."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from fastertrt.tools.compare.feeds import atomic_write
@@ -21,33 +20,19 @@ def _cells(m: dict) -> tuple[str, str, str]:
     return f"{m['max_abs']:.3g}", f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}"
 
 
-_PER_LAYER = re.compile(r"^(.*)\.(\d+)\.(key|value)$")
-
-
 def _folded(outputs: dict) -> list[tuple[str, dict, bool]]:
     """(name, metrics, passed) rows with the per-layer KV cache folded into one row
     (the worst of its tensors), as `inspect` folds it."""
-    rows, groups = [], {}
-    for name, m in outputs.items():
-        hit = _PER_LAYER.match(name)
-        if not hit:
-            rows.append((name, m, m["passed"]))
-            continue
-        key = hit.group(1)
-        if key not in groups:
-            groups[key] = {"layers": [], "metrics": None, "passed": True}
-            rows.append((key, None, None))
-        g = groups[key]
-        g["layers"].append(int(hit.group(2)))
-        g["metrics"] = worst_of(g["metrics"], m)
-        g["passed"] = g["passed"] and m["passed"]
+    from fastertrt.tools.inspect import fold_per_layer
+
     out = []
-    for name, m, ok in rows:
-        if m is None:
-            g = groups[name]
-            name = f"{name}.{{{min(g['layers'])}..{max(g['layers'])}}}.*"
-            m, ok = g["metrics"], g["passed"]
-        out.append((name, m, ok))
+    for name, layers, group in fold_per_layer(outputs.items()):
+        worst = None
+        for m in group:
+            worst = worst_of(worst, m)
+        if layers is not None:
+            name = f"{name}.{{{min(layers)}..{max(layers)}}}.*"
+        out.append((name, worst, all(m["passed"] for m in group)))
     return out
 
 

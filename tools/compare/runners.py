@@ -142,13 +142,6 @@ def runtime_runner(bundle: Path, graph: str, backend: str = "onnxruntime", name:
     return RuntimeRunner()
 
 
-def runtime_file(bundle: Path, manifest: dict, graph: str) -> str:
-    """The ONNX file the runtime runs on ONNX Runtime (for the layer search)."""
-    from fastertrt.runtime import _ort_files
-
-    return _ort_files(bundle, manifest, None)[graph]
-
-
 def engine_runner(bundle: Path, entry: dict, name: str):
     """polygraphy's TensorRT runner over the bundle's engine, fastertrt's plugins registered."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
