@@ -94,6 +94,33 @@ examples:
 """
 
 
+def _int_at_least(low: int, what: str):
+    """argparse type: an int >= low, or a one-line usage error (exit 2) naming the option's rule."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer (>= 1)")
+count_int = _int_at_least(0, "a count (>= 0)")
+
+
+def port_int(text: str) -> int:
+    value = count_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 picks a free one, else 1..65535)")
+    return value
+
+
 def _add_build_args(p, auto: bool) -> None:
     choices = ("auto", "none", "tensorrt-rtx", "tensorrt") if auto else ("tensorrt-rtx", "tensorrt")
     p.add_argument("--backend", choices=choices, default="auto" if auto else "tensorrt-rtx",
@@ -132,8 +159,8 @@ def _add_calibration_args(p, in_compile: bool) -> None:
     p.add_argument("--max-layer-error", type=float, default=0.05,
                    help="sensitivity pass: layers whose INT8 output error (relative) exceeds this get their full "
                         "range, then FP32 (default 0.05; 0 or less disables)")
-    p.add_argument("--calib-batch", type=int, default=16, help="calibration batch size (default 16)")
-    p.add_argument("--calib-samples", type=int, default=None, help="use at most this many samples")
+    p.add_argument("--calib-batch", type=positive_int, default=16, help="calibration batch size (default 16)")
+    p.add_argument("--calib-samples", type=positive_int, default=None, help="use at most this many samples")
     p.add_argument("--fp32-embeddings", action="store_true", help="keep embedding tables FP32 (bigger file)")
     p.add_argument("--calib-cache", default=None, metavar="FILE",
                    help="calibration cache to reuse (default: the bundle's own calibration/cache.json)")
@@ -242,18 +269,18 @@ def _parser() -> argparse.ArgumentParser:
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", "--prompt", action="append", dest="text", help="input text (repeat for a batch)")
     src.add_argument("--ids", action="append", help="comma-separated token ids (repeat for a batch)")
-    r.add_argument("--max-new-tokens", type=int, default=32, help="decoders: tokens to generate (default 32)")
-    r.add_argument("--min-new-tokens", type=int, default=0, help="decoders: no eos before this many tokens")
-    r.add_argument("--num-beams", type=int, default=1, help="decoders: beam width (default 1: greedy)")
-    r.add_argument("--num-return-sequences", type=int, default=1, help="decoders: best beams to print per prompt")
+    r.add_argument("--max-new-tokens", type=positive_int, default=32, help="decoders: tokens to generate (default 32)")
+    r.add_argument("--min-new-tokens", type=count_int, default=0, help="decoders: no eos before this many tokens")
+    r.add_argument("--num-beams", type=positive_int, default=1, help="decoders: beam width (default 1: greedy)")
+    r.add_argument("--num-return-sequences", type=positive_int, default=1, help="decoders: best beams to print per prompt")
     r.add_argument("--length-penalty", type=float, default=1.0,
                    help="decoders: beam scores are divided by length ** this (default 1.0; < 0 favours short)")
     r.add_argument("--early-stopping", choices=("true", "false", "never"), default="false",
                    help="decoders: when beam search stops (transformers' meaning; default false)")
-    r.add_argument("--eos", type=int, action="append", default=None, help="decoders: eos token id (repeatable; "
+    r.add_argument("--eos", type=count_int, action="append", default=None, help="decoders: eos token id (repeatable; "
                    "default: the model's)")
     r.add_argument("--stream", action="store_true", help="decoders, greedy: print tokens as they come")
-    r.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
 
     i = sub.add_parser("inspect", help="show what a bundle holds", epilog=EPILOG_INSPECT, formatter_class=fmt,
@@ -291,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(polygraphy's RunResults format)")
     cp.add_argument("--layers", choices=("auto", "all", "none"), default="auto", help="first-bad-layer search: "
                     "for failing pairs (auto, default), for every pair of ONNX stages (all), or none")
-    cp.add_argument("--max-tokens", type=int, default=64, help="truncate sample inputs to this many tokens (default 64)")
+    cp.add_argument("--max-tokens", type=positive_int, default=64, help="truncate sample inputs to this many tokens (default 64)")
     cp.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     cp.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG of the error per layer of each "
                     "layer search")
@@ -309,13 +336,13 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("bundle")
     et.add_argument("-o", "--output", required=True, help="repository folder to write")
     et.add_argument("--name", default=None, help="model name (default: the bundle folder's name)")
-    et.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
-    et.add_argument("--instances", type=int, default=2, help="model instances (default 2)")
+    et.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
+    et.add_argument("--instances", type=positive_int, default=2, help="model instances (default 2)")
     et.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="cpu: ONNX Runtime; gpu: the bundle's "
                     "TensorRT engines (default cpu)")
     et.add_argument("--env", default=None, help="EXECUTION_ENV_PATH: a venv with numpy<2 and the runtime's "
                     "packages (fastertrt serve-env makes one); default: the python3 first on tritonserver's PATH")
-    et.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance")
+    et.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads per instance")
     et.add_argument("--force", action="store_true", help="replace the output folder if it exists")
 
     sv = sub.add_parser("serve", help="serve a bundle with a local tritonserver", epilog=EPILOG_SERVE,
@@ -325,11 +352,11 @@ def _parser() -> argparse.ArgumentParser:
                             "ready, print the endpoints, and stop it cleanly on Ctrl-C."))
     sv.add_argument("source", help="a bundle, or a repository written by export-triton")
     sv.add_argument("--env", default=None, help="the serving environment (see export-triton --env)")
-    sv.add_argument("--http-port", type=int, default=0, help="HTTP port (default: a free one)")
-    sv.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
-    sv.add_argument("--metrics-port", type=int, default=0, help="metrics port (default: a free one)")
-    sv.add_argument("--instances", type=int, default=2, help="model instances when exporting a bundle")
-    sv.add_argument("--max-batch", type=int, default=32, help="max_batch_size when exporting a bundle")
+    sv.add_argument("--http-port", type=port_int, default=0, help="HTTP port (default: a free one)")
+    sv.add_argument("--grpc-port", type=port_int, default=0, help="gRPC port (default: a free one)")
+    sv.add_argument("--metrics-port", type=port_int, default=0, help="metrics port (default: a free one)")
+    sv.add_argument("--instances", type=positive_int, default=2, help="model instances when exporting a bundle")
+    sv.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size when exporting a bundle")
 
     se = sub.add_parser("serve-env", help="make the Python environment Triton's Python backend runs the model in",
                         epilog=EPILOG_SERVE_ENV, formatter_class=fmt, description=(
@@ -345,15 +372,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "batch size, decoder greedy tokens/s. Prints a table and writes JSON.")
     b.add_argument("bundle")
     b.add_argument("-o", "--output", default=None, help="JSON file to write (default: BUNDLE/../bench-NAME.json)")
-    b.add_argument("--batch", type=int, action="append", help="encoder batch sizes (default: 1 and 8)")
-    b.add_argument("--seq", type=int, default=128, help="encoder sequence length (default 128)")
-    b.add_argument("--new-tokens", type=int, default=32, help="decoder: new tokens per generation (default 32)")
-    b.add_argument("--prompt-len", type=int, default=16, help="decoder: prompt tokens (default 16)")
-    b.add_argument("--num-beams", type=int, action="append", default=None,
+    b.add_argument("--batch", type=positive_int, action="append", help="encoder batch sizes (default: 1 and 8)")
+    b.add_argument("--seq", type=positive_int, default=128, help="encoder sequence length (default 128)")
+    b.add_argument("--new-tokens", type=positive_int, default=32, help="decoder: new tokens per generation (default 32)")
+    b.add_argument("--prompt-len", type=positive_int, default=16, help="decoder: prompt tokens (default 16)")
+    b.add_argument("--num-beams", type=positive_int, action="append", default=None,
                    help="decoder: beam widths to time, repeatable (default: 1 and 4, i.e. greedy and beam-4)")
-    b.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 encoder, 3 decoder)")
-    b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
-    b.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
+    b.add_argument("--repeats", type=positive_int, default=None, help="timed runs (default: 20 encoder, 3 decoder)")
+    b.add_argument("--warmup", type=count_int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
+    b.add_argument("--threads", type=positive_int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch rows")
     b.add_argument("--triton", action="store_true", help="encoders: requests/s and p50/p99 latency through a "
                    "local tritonserver at concurrency 1, 8, 32 against the in-process runtime (needs --env)")
