@@ -271,10 +271,11 @@ def _save(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def calibrate_bundle(bundle, opts: CalibrationOptions, progress=None) -> Path:
-    """`fastertrt calibrate`: (re)calibrate an existing bundle in place, atomically."""
+def calibrate_bundle(bundle, opts: CalibrationOptions, progress=None, wait: bool = False) -> Path:
+    """`fastertrt calibrate`: (re)calibrate an existing bundle in place, atomically,
+    holding the bundle's writer lock (wait: queue behind another writer)."""
     from fastertrt.compiler.bundle import updating, write_manifest
 
-    with updating(bundle) as (stage, manifest):
+    with updating(bundle, wait=wait) as (stage, manifest):
         write_manifest(stage, calibrate_stage(stage, manifest, opts, progress))
     return Path(bundle).resolve()

@@ -5,16 +5,23 @@ half bundle behind."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from fastertrt.errors import OutputExistsError
+from fastertrt.bundle.lock import BundleLock, pid_alive
+from fastertrt.bundle.paths import bundle_file
+from fastertrt.bundle.signing import SIGNATURE_NAME
+from fastertrt.errors import OutputExistsError, OutputRefusedError
 from fastertrt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_entries, manifest_digest
+from fastertrt.signals import terminate_raises
 
 # Config keys that change with the tool that saved the file, not the model.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -26,35 +33,194 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Called before slow work too, so a taken -o fails in a second, not after an export."""
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it, or pick another -o")
+# What --force may replace: a fastertrt bundle, or a Triton repository fastertrt wrote.
+REPLACEABLE = ("bundle", "repository")
+REPOSITORY_MARKER = ".fastertrt-repository.json"  # written by export-triton into each repository
+
+
+def output_kind(path: Path) -> str | None:
+    """'bundle' or 'repository' when `path` is something fastertrt wrote, else None."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            data = json.loads(manifest.read_text())
+        except (ValueError, OSError):
+            data = None  # a damaged bundle of ours is still ours: fall through to its keys
+        if isinstance(data, dict) and isinstance(data.get("schema_version"), int) and "files" in data:
+            return "bundle"
+    if (path / REPOSITORY_MARKER).is_file():
+        return "repository"
+    return None
+
+
+def _what_is_there(path: Path) -> str:
+    if path.is_symlink():
+        return f"a symlink to {os.readlink(path)}"
+    if not path.is_dir():
+        return "a file"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "an empty folder"
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"a folder with {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output(out, overwrite: bool, source: Path | None = None, kinds: tuple = ("bundle",)) -> None:
+    """Refuse an output that would destroy something the user did not ask to replace.
+    Called before slow work too, so a bad -o fails in a second, not after an export."""
+    if os.fspath(out) == "":
+        raise OutputRefusedError("the output path is empty (an unset variable?); give -o a folder name such as "
+                                 "model.bundle")
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for what, place in (("the working directory", Path.cwd().resolve()), ("your home folder", Path.home().resolve())):
+        if _within(place, target):
+            raise OutputRefusedError(f"-o {out} is {what} or a folder above it ({target}); fastertrt never replaces "
+                                     f"it. Write the bundle into a new folder, e.g. -o {target / 'model.bundle'}")
+    if source is not None:
+        src = Path(source).resolve()
+        if _within(target, src) or _within(src, target):
+            raise OutputRefusedError(f"-o {out} ({target}) is the source model folder {src}, inside it or above "
+                                     f"it; writing there could destroy the model. Pick a folder outside it")
+    parent = target.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputRefusedError(f"cannot create {target}: {parent} is {_what_is_there(parent)}, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputRefusedError(f"cannot create {target}: the folder {parent} is not writable by this user")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{target} already exists; pass --force (overwrite=True) to replace it, or pick "
+                                f"another -o")
+    if output_kind(out) not in kinds and _what_is_there(out) != "an empty folder":
+        wanted = " or ".join(f"a fastertrt {k}" for k in kinds)
+        raise OutputRefusedError(f"{target} is {_what_is_there(out)}, not {wanted}; --force replaces only "
+                                 f"those. Nothing was changed: move it away yourself, or pick another -o")
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing `dst` (which plain
+    rename does when dst is an empty folder)."""
+    libc = _libc()
+    if libc is not None:
+        if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):  # no renameat2 on this kernel or filesystem
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            _LIBC.append(lib if hasattr(lib, "renameat2") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _pid_of(name: str, prefix: str, suffix: str) -> int | None:
+    middle = name[len(prefix):-len(suffix)] if suffix else name[len(prefix):]
+    pid = middle.split(".", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def clean_stale(out: Path) -> None:
+    """Remove what runs killed before their cleanup left next to `out`: staging
+    folders (.NAME.PID.xxxx.partial) of dead pids, and an old copy (.NAME.PID.old)
+    from a swap cut in the middle, put back when `out` itself is gone. Called with
+    the lock held, so no live writer of `out` is mid-swap."""
+    for p in sorted(out.parent.glob(f".{out.name}.*.partial")):
+        pid = _pid_of(p.name, f".{out.name}.", ".partial")
+        if pid is not None and not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"fastertrt: removed {p.name}, an unfinished output left by pid {pid} (no longer running)",
+                  file=sys.stderr)
+    for p in sorted(out.parent.glob(f".{out.name}.*.old")):
+        pid = _pid_of(p.name, f".{out.name}.", ".old")
+        if pid is None or pid_alive(pid):
+            continue
+        if not os.path.lexists(out):
+            os.rename(p, out)
+            print(f"fastertrt: restored {out.name} from {p.name}, left by pid {pid} while it replaced it",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"fastertrt: removed {p.name}, an old copy left by pid {pid} (no longer running)", file=sys.stderr)
+
+
+def _swap(stage: Path, out: Path, overwrite: bool, kinds: tuple) -> None:
+    """Put `stage` at `out`. Whatever is at `out` now is re-checked: only a replaceable
+    output is replaced (and put back if the swap fails); anything that appeared
+    while the run worked is left alone and the result is kept beside it."""
+    if os.path.lexists(out) and overwrite and (output_kind(out) in kinds or _what_is_there(out) == "an empty folder"):
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.rename(out, old)
+        try:
+            _rename_noreplace(stage, out)
+        except BaseException:
+            if not os.path.lexists(out):
+                os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        _rename_noreplace(stage, out)
+    except FileExistsError:
+        kept = out.with_name(f"{out.name}.new-{os.getpid()}")
+        os.rename(stage, kept)
+        raise OutputExistsError(f"{out} appeared while this run was working ({_what_is_there(out)}) and was left "
+                                f"untouched; the new output was kept at {kept}. Move one of them and rename the "
+                                f"other") from None
 
 
 @contextlib.contextmanager
-def staging(out: Path, overwrite: bool = False):
-    """Yield a temporary folder next to `out`; on success it becomes `out`."""
-    out = Path(out).resolve()
-    check_output(out, overwrite)
+def staging(out: Path, overwrite: bool = False, source: Path | None = None, kinds: tuple = ("bundle",),
+            wait: bool = False, lock: bool = True):
+    """Yield a temporary folder next to `out`; on success it becomes `out`. Holds the
+    writer lock of `out` throughout (lock=False: the caller holds it). On an error,
+    Ctrl-C, SIGTERM or SIGHUP the temporary folder is removed and `out` is untouched."""
+    out = Path(out).expanduser()
+    check_output(out, overwrite, source, kinds)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.ExitStack() as held:
+        if lock:
+            held.enter_context(BundleLock(out, wait=wait, what=_command()))
+        held.enter_context(terminate_raises())
+        clean_stale(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
+        try:
+            yield stage
+            _swap(stage, out, overwrite, kinds)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+
+def _command() -> str:
+    args = [Path(sys.argv[0]).name] + sys.argv[1:] if sys.argv and sys.argv[0] else ["python"]
+    return " ".join(args)[:200]
 
 
 def link_or_copy(src, dst) -> None:
@@ -65,22 +231,35 @@ def link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def copy_listed(bundle: Path, manifest: dict, dest: Path) -> None:
+    """The files the manifest lists (and the manifest), each path-checked, linked or
+    copied into `dest`; nothing else of the bundle folder."""
+    for rel in manifest["files"]:
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(bundle_file(bundle, manifest, rel), dst)
+
+
 @contextlib.contextmanager
-def updating(bundle):
+def updating(bundle, wait: bool = False):
     """Yield (stage, manifest) for changing an existing bundle atomically: its
     files are hard-linked (copied across filesystems) into a staging folder that
-    replaces the bundle when the block succeeds."""
+    replaces the bundle when the block succeeds. One writer at a time: the bundle's
+    lock is taken before its manifest is read, so a queued writer sees the first
+    one's result."""
     from fastertrt.runtime.manifest import read_manifest, verify_files
 
     bundle = Path(bundle).resolve()
-    manifest = read_manifest(bundle)
-    verify_files(bundle, manifest)
-    with staging(bundle, overwrite=True) as stage:
-        for rel in manifest["files"]:
-            dst = stage / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(bundle / rel, dst)
-        yield stage, manifest
+    read_manifest(bundle)  # a missing or foreign folder fails before any lock file is made next to it
+    with BundleLock(bundle, wait=wait, what=_command()):
+        manifest = read_manifest(bundle)
+        verify_files(bundle, manifest)
+        if (bundle / SIGNATURE_NAME).exists():
+            print(f"fastertrt: {bundle.name} was signed; the change makes a new manifest, so its signature is "
+                  f"dropped: sign it again with fastertrt sign {bundle} --key KEY", file=sys.stderr)
+        with staging(bundle, overwrite=True, lock=False) as stage:
+            copy_listed(bundle, manifest, stage)
+            yield stage, manifest
 
 
 def save_tokenizer(tokenizer, stage: Path) -> dict | None:

@@ -53,7 +53,7 @@ def _max_length(model, family, pooling) -> int:
 
 def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool = True,
                   overwrite: bool = False, tokenizer=None, progress=None, build=None,
-                  plugins: bool = True, allow_partial: bool = False, calibration=None) -> Path:
+                  plugins: bool = True, allow_partial: bool = False, calibration=None, wait: bool = False) -> Path:
     """Compile a shipped model name, a Hugging Face folder, or a loaded
     transformers model into a bundle folder at `output`. Returns its path.
 
@@ -61,13 +61,15 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
     plugins: replace attention with fastertrt's plugin (fused graphs); every block
     must fuse unless allow_partial.
     calibration: a fastertrt.calibration.calibrate.CalibrationOptions to also
-    calibrate INT8 (int8.onnx + cache + report; engines are then built INT8)."""
+    calibrate INT8 (int8.onnx + cache + report; engines are then built INT8).
+    overwrite replaces only an earlier fastertrt bundle at `output`; wait queues behind
+    another fastertrt process writing it instead of failing."""
     progress = progress or quiet()
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     source = resolve(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else from_loaded(model)
     family = source.family  # unknown families fail here, before any heavy loading
-    check_output(Path(output), overwrite)
+    check_output(output, overwrite, source=source.folder)
     require_compile_deps()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,7 +83,7 @@ def compile_model(model, output, attn_implementation: str = "sdpa", parity: bool
     pooling = source.sentence_pooling() if family.kind == "encoder" else None
     max_length = _max_length(torch_model, family, pooling)
 
-    with staging(Path(output), overwrite) as stage:
+    with staging(Path(output), overwrite, source=source.folder, wait=wait) as stage:
         if family.kind == "encoder":
             from fastertrt.compiler.export import export_encoder
 
@@ -158,6 +160,7 @@ def compile_module(module, example_inputs: dict, output, output_names=None, dyna
     from fastertrt.compiler.export import export_module
 
     progress = progress or quiet()
+    check_output(output, overwrite)
     require_compile_deps()
     with staging(Path(output), overwrite) as stage:
         result = export_module(module.eval(), example_inputs, stage, output_names, dynamic_axes, parity, progress)

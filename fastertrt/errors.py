@@ -60,6 +60,14 @@ class BundleSchemaError(BundleError):
     """The manifest's schema is newer than this fastertrt, or malformed."""
 
 
+class SignatureError(BundleIntegrityError):
+    """Trusted keys were given, and no valid signature by one of them covers the manifest."""
+
+
+class BundleLockedError(BundleError):
+    """Another fastertrt process is writing this bundle (or output folder)."""
+
+
 # --- runtime inputs ------------------------------------------------------------
 class InputError(FastertrtError, ValueError):
     """Inputs given to the runtime have the wrong type, rank, dtype or range."""
@@ -67,6 +75,11 @@ class InputError(FastertrtError, ValueError):
 
 class OutputExistsError(FastertrtError):
     """The output path exists and overwriting was not asked for."""
+
+
+class OutputRefusedError(OutputExistsError):
+    """The output path holds something --force may not replace (not a fastertrt bundle or
+    repository, the working directory, the source model...)."""
 
 
 # --- rewrite -------------------------------------------------------------------

@@ -10,11 +10,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from fastertrt.bundle.paths import check_confined, symlinks_in
+from fastertrt.bundle.schema import KINDS, validate_manifest
+from fastertrt.bundle.signing import SIGNATURE_NAME, check_signature
 from fastertrt.errors import BundleIntegrityError, BundleNotFoundError, BundleSchemaError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-KINDS = ("encoder", "decoder", "module")
+__all__ = ["KINDS", "MANIFEST_NAME", "SCHEMA_VERSION", "read_manifest", "verify_files", "file_entries",
+           "manifest_digest", "sha256_file"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -29,7 +33,7 @@ def file_entries(root: Path) -> dict:
     """Every file under root except the manifest: relative path -> sha256 + size."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST_NAME, SIGNATURE_NAME):
             out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
 
@@ -40,7 +44,10 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(bundle: Path) -> dict:
+def read_manifest(bundle: Path, trusted_keys=None) -> dict:
+    """Read and check manifest.json: JSON, schema version, then (with trusted_keys)
+    a valid signature before anything else, then the whole schema and that every
+    path it names stays inside the bundle. Files are not hashed here (verify_files)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not path.is_file():
@@ -49,12 +56,16 @@ def read_manifest(bundle: Path) -> dict:
             f"{str(bundle)!r} {what}, so it is not a fastertrt bundle. "
             f"Create one with: fastertrt compile MODEL -o {bundle}"
         )
+    if path.is_symlink():
+        raise BundleIntegrityError(f"{path} is a symlink; a bundle's manifest must be a file of its own")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleSchemaError(f"{path} is not valid JSON ({exc}); recompile the bundle") from exc
+    if not isinstance(manifest, dict):
+        raise BundleSchemaError(f"{path} holds a JSON {type(manifest).__name__}, not an object; recompile the bundle")
     version = manifest.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleSchemaError(f"{path} has no integer schema_version; it was not written by fastertrt")
     if version > SCHEMA_VERSION:
         raise BundleSchemaError(
@@ -63,11 +74,10 @@ def read_manifest(bundle: Path) -> dict:
             f"{manifest.get('fastertrt_version', '?')}. Upgrade fastertrt (pip install -U fastertrt) "
             f"or recompile the model with this version."
         )
-    for key in ("kind", "graphs", "files", "model"):
-        if key not in manifest:
-            raise BundleSchemaError(f"{path} lacks the {key!r} entry; recompile the bundle")
-    if manifest["kind"] not in KINDS:
-        raise BundleSchemaError(f"{path}: unknown bundle kind {manifest['kind']!r}, expected one of {KINDS}")
+    if trusted_keys:
+        check_signature(bundle, manifest, manifest_digest(manifest), list(trusted_keys))
+    validate_manifest(manifest, str(path))
+    check_confined(bundle, manifest)
     return manifest
 
 
@@ -77,6 +87,10 @@ def verify_files(bundle: Path, manifest: dict) -> None:
     problems = []
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         problems.append("manifest.json was edited after it was written (its manifest_sha256 no longer matches)")
+    links = symlinks_in(bundle)
+    if links:
+        problems.append(f"it holds symlinks ({', '.join(links[:5])}), which could make it read files outside "
+                        f"itself")
     for rel, entry in manifest["files"].items():
         p = bundle / rel
         if not p.is_file():

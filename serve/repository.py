@@ -14,6 +14,7 @@ decoder also gets REPO/NAME_stream/: greedy streaming in Triton's decoupled mode
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,10 @@ def _runtime_sources(lib: Path) -> None:
 
     pkg = lib / "fastertrt"
     pkg.mkdir(parents=True)
-    for name in ("__init__.py", "errors.py"):
+    for name in ("__init__.py", "errors.py", "signals.py"):
         shutil.copy2(Path(fastertrt.__file__).with_name(name), pkg / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(fastertrt.__file__).with_name("bundle"), pkg / "bundle", ignore=ignore)
     shutil.copytree(Path(fastertrt.runtime.__file__).parent, pkg / "runtime", ignore=ignore)
     shutil.copytree(Path(fastertrt.plugins.__file__).parent, pkg / "plugins", ignore=ignore)
 
@@ -140,7 +142,8 @@ def plan_engine(manifest: dict) -> dict | None:
 
 def export_repository(bundle, output, opts: TritonOptions | None = None, overwrite: bool = False) -> dict:
     """Write the repository; returns {'name', 'models': [...], 'notes': [...]}."""
-    from fastertrt.compiler.bundle import link_or_copy, staging
+    from fastertrt.bundle.signing import SIGNATURE_NAME
+    from fastertrt.compiler.bundle import REPOSITORY_MARKER, check_output, copy_listed, link_or_copy, staging
     from fastertrt.runtime.manifest import read_manifest, verify_files
 
     opts = opts or TritonOptions()
@@ -156,14 +159,20 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
                      "fastertrt serve-env ENV makes such an environment")
     if manifest["kind"] == "decoder":
         models.append(f"{name}_stream")
-    with staging(Path(output), overwrite) as stage:
+    check_output(output, overwrite, kinds=("repository",))
+    with staging(Path(output), overwrite, kinds=("repository",)) as stage:
+        (stage / REPOSITORY_MARKER).write_text(json.dumps({"written_by": "fastertrt export-triton",
+                                                           "bundle": str(bundle.resolve())}) + "\n")
         for model in models:
             version = stage / model / "1"
             version.mkdir(parents=True)
             (stage / model / "config.pbtxt").write_text(
                 config_text(manifest, opts, model, stream=model.endswith("_stream") and model != name))
             shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
-            shutil.copytree(bundle, version / "bundle", copy_function=link_or_copy)
+            copy_listed(bundle, manifest, version / "bundle")
+            for extra in ("manifest.json", SIGNATURE_NAME):  # the signature too, so the copy stays verifiable
+                if (bundle / extra).is_file() and not (bundle / extra).is_symlink():
+                    link_or_copy(bundle / extra, version / "bundle" / extra)
             _runtime_sources(version / "lib")
         engine = plan_engine(manifest)
         if engine is not None:

@@ -48,10 +48,13 @@ np.save({str(enc.parent / 'iso.npy')!r}, e['last_hidden_state'])
 
 
 def test_runtime_sources_import_nothing_heavy():
+    import fastertrt.bundle
     import fastertrt.runtime as rt
 
     heavy = {"torch", "transformers", "onnxscript", "onnx"}
-    for path in Path(rt.__file__).parent.glob("*.py"):
+    sources = [*Path(rt.__file__).parent.glob("*.py"), *Path(fastertrt.bundle.__file__).parent.glob("*.py"),
+               Path(fastertrt.bundle.__file__).parent.parent / "signals.py"]
+    for path in sources:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -62,6 +65,7 @@ def test_runtime_sources_import_nothing_heavy():
             for n in names:
                 assert n.split(".")[0] not in heavy, f"{path.name} imports {n}"
                 if n.startswith("fastertrt."):
-                    # plugins: the registry of TensorRT creators (trt.py modules, no torch/onnxscript)
-                    allowed = ("runtime", "errors", "tolerances", "plugins")
+                    # plugins: the registry of TensorRT creators (trt.py modules, no torch/onnxscript);
+                    # bundle: the manifest schema, paths, lock and signatures (the ground floor)
+                    allowed = ("runtime", "errors", "tolerances", "plugins", "bundle", "signals")
                     assert n.split(".")[1] in allowed, f"{path.name} imports {n}"

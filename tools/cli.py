@@ -8,6 +8,7 @@ import sys
 
 from fastertrt import __version__
 from fastertrt.errors import FastertrtError
+from fastertrt.signals import Terminated
 
 EPILOG_COMPILE = """\
 examples:
@@ -83,6 +84,13 @@ EPILOG_SERVE_ENV = """\
 examples:
   fastertrt serve-env triton-env            # python -m venv + numpy<2, onnxruntime, tokenizers
   fastertrt serve-env triton-env --gpu      # + cuda-python (install the engine's TensorRT yourself)
+"""
+
+EPILOG_SIGN = """\
+examples:
+  fastertrt sign --new-key team.key                        # team.key (keep it secret) + team.key.pub
+  fastertrt sign minilm.bundle --key team.key               # writes minilm.bundle/manifest.sig.json
+  fastertrt run minilm.bundle --trusted-key team.key.pub --text "hello"   # refuses unsigned or altered bundles
 """
 
 EPILOG_BUILD = """\
@@ -234,7 +242,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep going when some attention blocks match no rule (they stay plain ONNX)")
     c.add_argument("--no-plugins", action="store_true",
                    help="do not replace attention with fastertrt's plugin (the engine uses TensorRT's own)")
-    c.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    c.add_argument("--force", action="store_true", help="replace the output folder if it holds an earlier fastertrt "
+                   "bundle (anything else is refused and left untouched)")
+    c.add_argument("--wait", action="store_true", help="if another fastertrt process is writing the output, wait "
+                   "for it instead of failing")
     c.add_argument("--int8", action="store_true",
                    help="calibrate INT8 on sample data (explicit Q/DQ): int8.onnx, its ONNX Runtime variant, a "
                         "calibration cache and an accuracy report; the engine is built INT8")
@@ -249,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "builds ahead of time on a machine with no GPU; tensorrt needs one.")
     bd.add_argument("bundle")
     _add_build_args(bd, auto=False)
+    bd.add_argument("--wait", action="store_true", help="if another fastertrt process is writing the bundle, wait "
+                    "for it instead of failing")
     bd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     cb = sub.add_parser("calibrate", help="(re)calibrate INT8 on an existing bundle", epilog=EPILOG_CALIBRATE,
@@ -259,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "cache) and calibration/report.json (held-out accuracy vs FP32).")
     cb.add_argument("bundle")
     _add_calibration_args(cb, in_compile=False)
+    cb.add_argument("--wait", action="store_true", help="if another fastertrt process is writing the bundle, wait "
+                    "for it instead of failing")
     cb.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     r = sub.add_parser("run", help="run a bundle on text or token ids", epilog=EPILOG_RUN, formatter_class=fmt,
@@ -282,6 +297,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true", help="decoders, greedy: print tokens as they come")
     r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    r.add_argument("--trusted-key", action="append", default=None, metavar="KEY.pub",
+                   help="run only if the bundle carries a valid signature by this Ed25519 public key (repeatable; "
+                        "fastertrt sign makes keys and signatures)")
+
+    sg = sub.add_parser("sign", help="sign a bundle with an Ed25519 key (or make a key)", epilog=EPILOG_SIGN,
+                        formatter_class=fmt, description=(
+                            "Loading a bundle means running what its author chose (graphs, engines, cubins). "
+                            "A signature over the manifest's sha256 (which covers every file's sha256) lets a "
+                            "serving process check who made the bundle: fastertrt run --trusted-key / "
+                            "fastertrt.load(..., trusted_keys=[...]) refuse a bundle without a valid signature "
+                            "by one of the trusted keys. Needs pip install 'fastertrt[sign]'."))
+    sg.add_argument("bundle", nargs="?", help="the bundle to sign")
+    sg.add_argument("--key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
+    sg.add_argument("--new-key", metavar="KEY", help="write a new private key to KEY (mode 0600) and its public key "
+                    "to KEY.pub, then sign BUNDLE with it if one is given")
 
     i = sub.add_parser("inspect", help="show what a bundle holds", epilog=EPILOG_INSPECT, formatter_class=fmt,
                        description="Print a bundle's model, graphs (I/O names, dtypes, dynamic dims), stages with "
@@ -396,7 +426,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"compile": _compile, "build": _build, "calibrate": _calibrate, "run": _run, "inspect": _inspect, "bench": _bench,
-                    "compare": _compare, "export-triton": _export_triton, "serve": _serve, "serve-env": _serve_env}
+                    "compare": _compare, "export-triton": _export_triton, "serve": _serve, "serve-env": _serve_env,
+                    "sign": _sign}
         return commands[args.command](args)
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -404,6 +435,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"fastertrt {args.command}: {exc}; cleaned up", file=sys.stderr)
+        return 128 + exc.signum
 
 
 def _compile(args) -> int:
@@ -415,7 +449,7 @@ def _compile(args) -> int:
     compile_model(args.model, args.output, attn_implementation=args.attn_implementation,
                   parity=not args.no_parity, overwrite=args.force, progress=progress, build=_build_options(args),
                   plugins=not args.no_plugins, allow_partial=args.allow_partial,
-                  calibration=_calibration_options(args) if args.int8 else None)
+                  calibration=_calibration_options(args) if args.int8 else None, wait=args.wait)
     return 0
 
 
@@ -425,7 +459,7 @@ def _calibrate(args) -> int:
 
     progress = Progress(enabled=not args.quiet)
     progress.info(f"fastertrt calibrate {args.bundle} (method {args.calib_method})")
-    calibrate_bundle(args.bundle, _calibration_options(args), progress)
+    calibrate_bundle(args.bundle, _calibration_options(args), progress, wait=args.wait)
     progress.info(f"int8.onnx, int8.ort.onnx and calibration/ written into {args.bundle}; build an INT8 engine "
                   f"with: fastertrt build {args.bundle} --precision int8")
     return 0
@@ -437,7 +471,7 @@ def _build(args) -> int:
 
     progress = Progress(enabled=not args.quiet)
     progress.info(f"fastertrt build {args.bundle} ({args.backend}, {args.precision or 'fp32'})")
-    build_bundle(args.bundle, _build_options(args), progress)
+    build_bundle(args.bundle, _build_options(args), progress, wait=args.wait)
     progress.info(f"engines written into {args.bundle}")
     return 0
 
@@ -447,7 +481,7 @@ def _run(args) -> int:
 
     from fastertrt.runtime import Decoder, Encoder, load
 
-    model = load(args.bundle, threads=args.threads)
+    model = load(args.bundle, threads=args.threads, trusted_keys=args.trusted_key)
     if args.text:
         inputs = args.text
     else:
@@ -575,6 +609,30 @@ def _serve(args) -> int:
                 print(f"tritonserver exited ({server.process.returncode}); its log ends:\n{server.log_tail()}")
                 return 1
         print("stopped")
+    return 0
+
+
+def _sign(args) -> int:
+    from fastertrt.bundle.signing import SIGNATURE_NAME, new_key, sign_manifest
+    from fastertrt.errors import InputError
+    from fastertrt.runtime.manifest import read_manifest, verify_files
+
+    if not args.new_key and not (args.bundle and args.key):
+        raise InputError("give a bundle and --key KEY to sign it, or --new-key KEY to make a key "
+                         "(e.g. fastertrt sign --new-key team.key)")
+    if args.new_key and args.key:
+        raise InputError("--key and --new-key exclude each other: sign with an existing key or with a new one")
+    key = args.key
+    if args.new_key:
+        private, public = new_key(args.new_key)
+        print(f"wrote {private} (private: keep it secret) and {public} (public: give it to --trusted-key)")
+        key = private
+    if args.bundle:
+        manifest = read_manifest(args.bundle)
+        verify_files(args.bundle, manifest)  # never vouch for a damaged bundle
+        entry = sign_manifest(args.bundle, manifest, key)
+        print(f"signed {args.bundle} (manifest sha256 {manifest['manifest_sha256'][:16]}...) with key "
+              f"{entry['key_id']}: {args.bundle}/{SIGNATURE_NAME}")
     return 0
 
 

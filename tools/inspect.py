@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fastertrt.errors import BundleIntegrityError
+from fastertrt.errors import BundleIntegrityError, BundleSchemaError
 from fastertrt.runtime.manifest import read_manifest, verify_files
 
 
@@ -53,7 +53,10 @@ def describe(bundle, layers: bool = False, engine_layers: bool = False) -> tuple
     from fastertrt.tools.inspect_graphs import engine_layer_lines, graph_lines
 
     bundle = Path(bundle)
-    m = read_manifest(bundle)
+    try:
+        m = read_manifest(bundle)
+    except (BundleSchemaError, BundleIntegrityError) as exc:
+        return _describe_unreadable(bundle, exc)
     problems = []
     try:
         verify_files(bundle, m)
@@ -140,3 +143,30 @@ def describe(bundle, layers: bool = False, engine_layers: bool = False) -> tuple
                               if not problems else f"{len(problems)} problem(s):"))
     lines += [f"  PROBLEM {p}" for p in problems]
     return "\n".join(lines), m, problems
+
+
+def _describe_unreadable(bundle: Path, exc: Exception) -> tuple[str, dict, list[str]]:
+    """What can be said of a bundle whose manifest fails its schema or confinement
+    checks: its top-level facts as far as they are readable, the files on disk, and
+    the problem. Nothing in it is opened beyond manifest.json."""
+    import json
+
+    try:
+        raw = json.loads((bundle / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raw = None
+    lines = [f"bundle   {bundle.resolve()}"]
+    if isinstance(raw, dict):
+        for key in ("schema_version", "fastertrt_version", "kind", "created_utc", "default_precision"):
+            if isinstance(raw.get(key), (str, int)):
+                lines.append(f"{key:<8} {raw[key]}" if len(key) <= 8 else f"{key} {raw[key]}")
+        for key in ("graphs", "files", "engines"):
+            value = raw.get(key)
+            if isinstance(value, (dict, list)):
+                names = ", ".join(str(k) for k in (value if isinstance(value, dict) else range(len(value))))
+                lines.append(f"{key:<8} {len(value)} listed" + (f": {names[:200]}" if names else ""))
+    on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() or p.is_symlink())
+    lines.append(f"on disk  {len(on_disk)} file(s): {', '.join(on_disk[:12])}" + (" ..." if len(on_disk) > 12 else ""))
+    problem = f"{type(exc).__name__}: {exc}"
+    lines += ["checks   1 problem(s):", f"  PROBLEM {problem}"]
+    return "\n".join(lines), raw if isinstance(raw, dict) else {}, [problem]

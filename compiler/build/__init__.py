@@ -102,12 +102,12 @@ def add_engines(stage: Path, manifest: dict, opts: BuildOptions, progress=None) 
     return {**manifest, "engines": engines}
 
 
-def build_bundle(bundle, opts: BuildOptions, progress=None) -> Path:
+def build_bundle(bundle, opts: BuildOptions, progress=None, wait: bool = False) -> Path:
     """`fastertrt build`: (re)build engines of an existing bundle, atomically:
     the bundle is linked into a staging folder, engines added, then swapped in."""
     from fastertrt.compiler.bundle import updating, write_manifest
 
     bundle = Path(bundle).resolve()
-    with updating(bundle) as (stage, manifest):
+    with updating(bundle, wait=wait) as (stage, manifest):
         write_manifest(stage, add_engines(stage, manifest, opts, progress))
     return bundle
