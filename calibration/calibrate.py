@@ -13,6 +13,7 @@ import numpy as np
 from fastertrt.calibration.calibrators import METHODS
 
 from fastertrt.errors import CalibrationCacheError, CalibrationError
+from fastertrt.runtime.inputs import int_option
 from fastertrt.progress import quiet
 from fastertrt.tolerances import tolerance
 
@@ -35,15 +36,20 @@ class CalibrationOptions:
     cache: Path | None = None  # a cache file to reuse (default: the bundle's own)
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        self.check()  # the Python API fails where the options are made, before any export or calibration
+
     def check(self) -> None:
+        # bad counts from Python (the CLI's argparse types catch them there) must not mean "all" or crash later
+        int_option("batch_size (--calib-batch)", self.batch_size, low=1, error=CalibrationError)
+        if self.max_samples is not None:
+            int_option("max_samples (--calib-samples)", self.max_samples, low=1, error=CalibrationError)
         if self.method not in METHODS:
             raise CalibrationError(f"--calib-method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 50.0 < self.percentile < 100.0:
             raise CalibrationError(f"--percentile must be in (50, 100), e.g. 99.99; got {self.percentile}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise CalibrationError(f"--smooth-alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.batch_size < 1:
-            raise CalibrationError(f"--calib-batch must be >= 1, got {self.batch_size}")
 
 
 def _model_digest(graph_file: Path) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,15 +97,37 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
 
 def read_id_rows(path: Path) -> list[list[int]]:
     """Token id rows of an .npz: input_ids [N, L] (+ attention_mask [N, L])."""
-    with np.load(path, allow_pickle=False) as data:
-        if "input_ids" not in data:
-            raise CalibrationDataError(f"{path} has no 'input_ids' array (found {sorted(data.files)})")
-        ids = data["input_ids"]
-        mask = data["attention_mask"] if "attention_mask" in data else np.ones_like(ids)
+    ids, mask = _npz_arrays(path)
+    mask = np.ones_like(ids) if mask is None else mask
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or mask.shape != ids.shape:
         raise CalibrationDataError(f"{path}: input_ids must be a 2-D integer array [samples, tokens] with an "
                                    f"attention_mask of the same shape; got {ids.dtype} {ids.shape}")
     return [[int(t) for t in row[m.astype(bool)]] for row, m in zip(ids, mask)]
+
+
+def _npz_arrays(path: Path):
+    """(input_ids, attention_mask or None) of an .npz, or CalibrationDataError when
+    the file is no readable .npz (random bytes, a cut-off download, a renamed .npy,
+    pickled object arrays)."""
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except unreadable as exc:
+        # numpy takes unknown bytes for a pickle and suggests allow_pickle: not advice to pass on
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a zip archive of .npy arrays"
+        raise CalibrationDataError(f"{path} is not a readable .npz file ({reason}); save the "
+                                   f"token ids with numpy.savez(path, input_ids=ids, attention_mask=mask)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CalibrationDataError(f"{path} holds a single array (.npy data), not an .npz archive; save the "
+                                   f"token ids with numpy.savez(path, input_ids=ids)")
+    with data:
+        if "input_ids" not in data:
+            raise CalibrationDataError(f"{path} has no 'input_ids' array (found {sorted(data.files)})")
+        try:
+            return data["input_ids"], data["attention_mask"] if "attention_mask" in data else None
+        except unreadable as exc:
+            raise CalibrationDataError(f"{path}: its arrays cannot be read ({type(exc).__name__}: {exc}); save "
+                                       f"plain integer arrays with numpy.savez") from None
 
 
 def _digest(rows: list[list[int]]) -> str:

@@ -20,9 +20,9 @@ from typing import Callable, Protocol
 import numpy as np
 
 from fastertrt.errors import InputError
+from fastertrt.runtime.inputs import int_option, real_option
 
 NEG = np.float32(-1.0e9)  # transformers' "impossible" score
-EARLY_STOPPING = (True, False, "never")
 
 
 class StepSession(Protocol):
@@ -64,19 +64,26 @@ class SearchOptions:
     eos: tuple = ()
     pad: int = 0
 
+    @classmethod
+    def parse(cls, candidates: int, max_new_tokens, min_new_tokens, num_beams, num_return_sequences,
+              length_penalty, early_stopping, eos, pad) -> SearchOptions:
+        """Options as users give them (numpy integers and floats included), each
+        checked and normalized to int / float / bool, or an InputError naming it;
+        eos and pad are already checked token ids."""
+        opts = cls(int_option("max_new_tokens", max_new_tokens, low=1),
+                   int_option("min_new_tokens", min_new_tokens, low=0),
+                   int_option("num_beams", num_beams, low=1),
+                   int_option("num_return_sequences", num_return_sequences, low=1),
+                   real_option("length_penalty", length_penalty),
+                   _early_stopping(early_stopping), tuple(eos), pad)
+        opts.check(candidates)
+        return opts
+
     def check(self, candidates: int) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens:
-            raise InputError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise InputError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
-        if not 1 <= self.num_return_sequences <= self.num_beams:
+        """The rules between options (each one alone is checked by parse)."""
+        if self.num_return_sequences > self.num_beams:
             raise InputError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and "
                              f"num_beams ({self.num_beams}): beam search returns its best num_beams sequences")
-        if self.early_stopping not in EARLY_STOPPING or isinstance(self.early_stopping, int) and not isinstance(
-                self.early_stopping, bool):
-            raise InputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.candidates_needed > candidates:
             raise InputError(f"{len(self.eos)} eos tokens need {self.candidates_needed} candidates per beam; the "
                              f"bundle's step graph returns {candidates}. Pass at most {candidates - 1} eos ids, or "
@@ -86,6 +93,15 @@ class SearchOptions:
     def candidates_needed(self) -> int:
         """transformers keeps max(2, 1 + number of eos tokens) candidates per beam."""
         return max(2, 1 + len(self.eos))
+
+
+def _early_stopping(value) -> bool | str:
+    # the loops test `is True`: a numpy bool must become a Python one
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value == "never":
+        return value
+    raise InputError(f"early_stopping must be True, False or 'never', got {value!r}")
 
 
 def positions(mask: np.ndarray) -> np.ndarray:

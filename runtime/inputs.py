@@ -3,6 +3,8 @@ InputError that says what to change."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fastertrt.errors import InputError
@@ -71,3 +73,67 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray
         ids[i, sl] = r
         mask[i, sl] = 1
     return ids, mask
+
+
+def check_feeds(spec: list[dict], feeds: dict, graph: str) -> None:
+    """Names, ranks, dtypes and fixed dims of a graph's feeds against its input
+    spec ([{name, dtype, shape}], dims an int when fixed, a name or -1 when
+    dynamic). Every backend calls this before its first device or session call,
+    so a bad feed is the same InputError on ONNX Runtime and TensorRT."""
+    names = [t["name"] for t in spec]
+    missing = [n for n in names if n not in feeds]
+    extra = [n for n in feeds if n not in names]
+    if missing or extra:
+        raise InputError(f"graph {graph} takes inputs {names}; missing {missing}, unexpected {extra}")
+    for t in spec:
+        arr = feeds[t["name"]]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"input {t['name']!r} is a {type(arr).__name__}; pass a numpy array of {t['dtype']}")
+        if arr.ndim != len(t["shape"]):
+            raise InputError(f"input {t['name']!r} has rank {arr.ndim} (shape {arr.shape}); "
+                             f"expected rank {len(t['shape'])} with dims {t['shape']}")
+        if arr.dtype != np.dtype(t["dtype"]):
+            raise InputError(f"input {t['name']!r} has dtype {arr.dtype}; expected {t['dtype']}. "
+                             f"Convert with .astype(np.{t['dtype']})")
+        for i, (got, want) in enumerate(zip(arr.shape, t["shape"])):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise InputError(f"input {t['name']!r} has size {got} on axis {i}; the graph fixes it to {want}")
+
+
+# --- options -----------------------------------------------------------------------
+def _is_int(value) -> bool:
+    # bool is an int subclass, but True as a count or a token id is always a mistake
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def int_option(name: str, value, low: int | None = None, high: int | None = None, error=InputError) -> int:
+    """`value` as a Python int: ints and numpy integers in [low, high) pass; bools,
+    floats, strings and values out of range raise `error` naming the option."""
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value >= high):
+        raise error(f"{name} must be {_int_rule(low, high)}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _int_rule(low, high) -> str:
+    if low is not None and high is not None:
+        return f"an int in [{low}, {high})"
+    return "an int" + (f" >= {low}" if low is not None else "") + (f" < {high}" if high is not None else "")
+
+
+def real_option(name: str, value, error=InputError) -> float:
+    """`value` as a finite float: ints, floats and their numpy kinds; not bool, NaN or inf."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not (_is_int(value) or math.isfinite(value)):
+        raise error(f"{name} must be a finite real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def token_ids_option(name: str, value, vocab_size: int) -> list[int]:
+    """One token id or a sequence of them (e.g. eos_token_id), each in [0, vocab_size)."""
+    items = [value] if _is_int(value) else value
+    if isinstance(items, np.ndarray) and items.ndim == 1:
+        items = items.tolist()
+    if not isinstance(items, (list, tuple)) or not all(_is_int(v) and 0 <= v < vocab_size for v in items):
+        raise InputError(f"{name} must be a token id or a list of token ids in the vocabulary [0, {vocab_size}), "
+                         f"got {value!r}")
+    return [int(v) for v in items]

@@ -1,13 +1,15 @@
 """Run one bundle graph on ONNX Runtime (CPU). Later backends (TensorRT) give
-the same `run(feeds) -> {name: array}` interface."""
+the same `run(feeds) -> {name: array}` interface.
+
+Thread safety: InferenceSession.run is safe to call from many threads at once
+(ONNX Runtime's guarantee), and run() keeps no state of its own, so graphs run
+concurrently here with no lock."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from fastertrt.errors import InputError
+from fastertrt.runtime.inputs import check_feeds
 
 
 class OrtGraph:
@@ -27,22 +29,7 @@ class OrtGraph:
 
     def check(self, feeds: dict) -> None:
         """Names, ranks, dtypes and fixed dims against the manifest's I/O spec."""
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
-        if missing or extra:
-            raise InputError(f"graph {self.path.name} takes inputs {self.input_names}; "
-                             f"missing {missing}, unexpected {extra}")
-        for t in self.spec["inputs"]:
-            arr = feeds[t["name"]]
-            if arr.ndim != len(t["shape"]):
-                raise InputError(f"input {t['name']!r} has rank {arr.ndim} (shape {arr.shape}); "
-                                 f"expected rank {len(t['shape'])} with dims {t['shape']}")
-            if arr.dtype != np.dtype(t["dtype"]):
-                raise InputError(f"input {t['name']!r} has dtype {arr.dtype}; expected {t['dtype']}. "
-                                 f"Convert with .astype(np.{t['dtype']})")
-            for i, (got, want) in enumerate(zip(arr.shape, t["shape"])):
-                if isinstance(want, int) and got != want:
-                    raise InputError(f"input {t['name']!r} has size {got} on axis {i}; the graph fixes it to {want}")
+        check_feeds(self.spec["inputs"], feeds, self.path.name)
 
     @staticmethod
     def step_session(prefill, decode, candidates: int):

@@ -5,11 +5,18 @@ checks that need no GPU (backend, version, targets, plugins, shapes) happen
 before the first CUDA call. Device buffers and pinned host buffers are made
 once per shape bucket and reused; one stream per graph; optionally one CUDA
 graph per bucket, replayed instead of enqueueing again.
+
+Thread safety: an execution context, its stream and the buffers of a bucket
+are one graph's shared state, so each TrtGraph holds a lock around everything
+that touches them (bucket choice and eviction, uploads, enqueue, downloads,
+freeing): calls on one graph run one at a time, calls on different graphs run
+concurrently, and no call frees a bucket another call is using.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +24,7 @@ import numpy as np
 from fastertrt.plugins import register_all
 from fastertrt.runtime.engines import TRT_MODULES, check_compatible, check_plugins, find_profile, installed_backends
 from fastertrt.runtime.gpu import check, cudart, gpu_compute_capability
+from fastertrt.runtime.inputs import check_feeds
 
 _NP = {"float": np.float32, "half": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
        "int8": np.int8, "uint8": np.uint8}
@@ -89,6 +97,10 @@ class TrtGraph:
         self.max_buckets = max_buckets
         self.buckets: dict[tuple, _Bucket] = {}
         self.profile = -1
+        # what the engine takes, in the manifest's spec form, for the check both backends share
+        self.spec = {"inputs": [{"name": n, "dtype": np.dtype(self.dtypes[n]).name,
+                                 "shape": list(self.engine.get_tensor_shape(n))} for n in self.input_names]}
+        self.lock = threading.Lock()
 
     def _bucket(self, feeds: dict) -> tuple[_Bucket, bool]:
         key = tuple((n, feeds[n].shape) for n in self.input_names)
@@ -129,7 +141,12 @@ class TrtGraph:
 
     def enqueue_bound(self, shapes: dict, addresses: dict, stream) -> None:
         """Enqueue on device buffers the caller owns: input shapes, and an address
-        for every I/O tensor (the step session's KV ping-pong buffers)."""
+        for every I/O tensor (the step session's KV ping-pong buffers). Holds the
+        graph's lock: the execution context is shared with run()."""
+        with self.lock:
+            self._enqueue_bound(shapes, addresses, stream)
+
+    def _enqueue_bound(self, shapes: dict, addresses: dict, stream) -> None:
         profile = find_profile(self.entry, shapes)
         if profile != self.profile:
             self.context.set_optimization_profile_async(profile, int(stream))
@@ -141,9 +158,19 @@ class TrtGraph:
         if not self.context.execute_async_v3(int(stream)):
             raise RuntimeError(f"execute_async_v3 failed for {self.entry['file']}")
 
+    def check(self, feeds: dict) -> None:
+        """The same check as the ONNX Runtime backend's, against the engine's I/O."""
+        check_feeds(self.spec["inputs"], feeds, self.path.name)
+
     def run(self, feeds: dict) -> dict:
+        """Safe from many threads: one call at a time per graph (see the module doc)."""
+        self.check(feeds)
+        feeds = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        with self.lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict) -> dict:
         rt, s = self.rt, self.stream
-        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names}
         bucket, new = self._bucket(feeds)
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for n in self.input_names:
@@ -169,7 +196,8 @@ class TrtGraph:
         return {n: bucket.host[n][1].copy() for n in self.output_names}
 
     def close(self) -> None:
-        for b in self.buckets.values():
-            b.free(self.rt)
-        self.buckets.clear()
-        self.rt.cudaStreamDestroy(self.stream)
+        with self.lock:  # not under a running call's feet
+            for b in self.buckets.values():
+                b.free(self.rt)
+            self.buckets.clear()
+            self.rt.cudaStreamDestroy(self.stream)

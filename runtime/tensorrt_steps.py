@@ -9,6 +9,10 @@ so the host never touches the cache. Per step, the small inputs (new tokens,
 mask, positions, beam scores, token bias, parent rows) go up through pinned
 buffers and only the candidates ([batch, c*K] scores, tokens, beams) come back;
 logits stay on the device.
+
+One step session serves one Decoder, whose lock holds it for a whole
+generate(): reserve() frees and regrows these buffers only between
+generations, never under another call's steps.
 """
 
 from __future__ import annotations

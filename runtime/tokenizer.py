@@ -8,23 +8,32 @@ from fastertrt.errors import InputError
 
 
 class TextTokenizer:
-    def __init__(self, path: Path, max_length: int):
-        from tokenizers import Tokenizer
+    """Safe to call from many threads: truncation is a setting of a `tokenizers`
+    Tokenizer, so one is kept per mode, each set once here and never changed
+    (flipping one shared setting per call let a call tokenize under another
+    call's mode). Encoding and decoding only read them."""
 
-        self.tok = Tokenizer.from_file(str(path))
-        self.tok.no_padding()
-        self.tok.no_truncation()
+    def __init__(self, path: Path, max_length: int):
         self.max_length = max_length
+        self.tok = _load(path)  # no truncation; also decodes
+        self.truncating = _load(path)
+        self.truncating.enable_truncation(max_length)
 
     def encode(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        if truncate:
-            self.tok.enable_truncation(self.max_length)
-        else:
-            self.tok.no_truncation()
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+        tok = self.truncating if truncate else self.tok
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=True)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _load(path: Path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def no_tokenizer_error() -> InputError:

@@ -276,3 +276,41 @@ def test_minilm_int8_accuracy_and_size(bundles):
     assert calib["layers"]["int8"] == 36 and len(calib["embeddings_int8"]) == 2
     fp32 = (bundle / "weights.bin").stat().st_size
     assert calib["bytes"]["int8.ort.onnx + weights"] < 0.26 * fp32 < 23.5e6
+
+
+@pytest.mark.parametrize("content, match", [
+    (os.urandom(256), "is not a readable .npz file"),
+    (b"PK\x03\x04" + os.urandom(256), "is not a readable .npz file"),  # a zip header, then garbage
+    (None, "has no 'input_ids' array"),
+    ("npy", "holds a single array"),
+    ("objects", "its arrays cannot be read"),
+])
+def test_corrupt_npz_calibration_data(tmp_path, content, match):
+    from fastertrt.calibration.dataset import load_samples
+
+    path = tmp_path / "ids.npz"
+    if content is None:
+        np.savez(path, tokens=np.ones((3, 4), dtype=np.int64))
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.ones((3, 4), dtype=np.int64))
+    elif content == "objects":
+        np.savez(path, input_ids=np.array([[1, 2], [3]], dtype=object))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CalibrationDataError, match=match):
+        load_samples(None, 64, path, vocab_size=99)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_samples=-5), r"max_samples \(--calib-samples\) must be an int >= 1, got -5"),
+    (dict(max_samples=0), r"max_samples \(--calib-samples\) must be an int >= 1, got 0"),
+    (dict(max_samples=2.5), r"max_samples \(--calib-samples\) must be an int >= 1, got 2.5"),
+    (dict(batch_size=0), r"batch_size \(--calib-batch\) must be an int >= 1, got 0"),
+])
+def test_bad_calibration_counts_from_python(kw, match):
+    from fastertrt.calibration.calibrate import CalibrationOptions
+
+    with pytest.raises(CalibrationError, match=match):
+        CalibrationOptions(**kw)
+    assert CalibrationOptions(max_samples=np.int64(5)).max_samples == 5

@@ -135,3 +135,85 @@ def test_text_on_bundle_without_tokenizer(tmp_path):
     out = compile_model(folder, tmp_path / "m.bundle", parity=False)
     with pytest.raises(errors.InputError, match="no tokenizer.*pass token ids"):
         load(out).encode(["some text"])
+
+
+@pytest.fixture(scope="module")
+def decoder(bundles):
+    return load(bundles.tiny("llama"))  # vocabulary [0, 99)
+
+
+BAD_OPTIONS = [
+    (dict(pad_token_id=99), r"pad_token_id must be an int in \[0, 99\), got 99"),
+    (dict(pad_token_id=-1), r"pad_token_id must be an int in \[0, 99\), got -1"),
+    (dict(pad_token_id=0.0), r"pad_token_id must be an int in \[0, 99\), got 0.0 \(float\)"),
+    (dict(num_beams=2, num_return_sequences=1.5), "num_return_sequences must be an int >= 1, got 1.5"),
+    (dict(eos_token_id=2.7), r"eos_token_id must be a token id or a list of token ids in the vocabulary .*got 2.7"),
+    (dict(eos_token_id=[2, 2.7]), r"eos_token_id must be .*got \[2, 2.7\]"),
+    (dict(eos_token_id=True), "eos_token_id must be .*got True"),
+    (dict(length_penalty="x"), "length_penalty must be a finite real number, got 'x'"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite real number, got nan"),
+    (dict(length_penalty=float("inf")), "length_penalty must be a finite real number, got inf"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be an int >= 1, got True \(bool\)"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an int >= 1, got 2.0"),
+    (dict(min_new_tokens=-1), "min_new_tokens must be an int >= 0, got -1"),
+    (dict(num_beams="2"), "num_beams must be an int >= 1, got '2'"),
+    (dict(early_stopping=1), "early_stopping must be True, False or 'never', got 1"),
+]
+
+
+@pytest.mark.parametrize("kw, match", BAD_OPTIONS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _ in BAD_OPTIONS])
+def test_bad_generation_option_values(decoder, kw, match):
+    with pytest.raises(errors.InputError, match=match):
+        decoder.generate([[5, 6, 7]], **{"max_new_tokens": 3, **kw})
+
+
+def test_numpy_option_values_are_accepted(decoder):
+    plain = decoder.generate([[5, 6, 7], [8]], max_new_tokens=3, num_beams=2, num_return_sequences=2,
+                             length_penalty=0.5, early_stopping=True, eos_token_id=[2, 3], pad_token_id=0)
+    numpy = decoder.generate([[5, 6, 7], [8]], max_new_tokens=np.int64(3), num_beams=np.int32(2),
+                             num_return_sequences=np.int64(2), length_penalty=np.float32(0.5),
+                             early_stopping=np.bool_(True), eos_token_id=np.array([2, 3]), pad_token_id=np.int64(0))
+    np.testing.assert_array_equal(numpy.sequences, plain.sequences)
+    np.testing.assert_array_equal(numpy.scores, plain.scores)
+    one = decoder.generate([[5, 6, 7]], max_new_tokens=np.int64(3), eos_token_id=np.int64(2))
+    assert one.sequences.shape[0] == 1
+
+
+def test_cli_bad_generation_option_is_one_line(bundles, capsys):
+    from fastertrt.tools.cli import main
+
+    assert main(["run", str(bundles.tiny("llama")), "--ids", "5,6", "--length-penalty", "nan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "InputError: length_penalty must be a finite real number, got nan" in err
+
+
+def test_tensorrt_checks_feeds_as_onnxruntime_does(encoder):
+    """Both backends hand their input spec to one check (TensorRT's from the engine,
+    dynamic dims -1) before any session or CUDA call, so a bad feed is the same
+    InputError on both. A TrtGraph needs a GPU to open; run() on one holding only
+    its spec shows that the check comes before anything touches the device."""
+    from fastertrt.runtime.inputs import check_feeds
+    from fastertrt.runtime.tensorrt_backend import TrtGraph
+
+    ort = encoder.graphs["encoder"]
+    trt = object.__new__(TrtGraph)
+    trt.path = ort.path  # the same graph name in both messages, to compare them
+    trt.spec = {"inputs": [{"name": t["name"], "dtype": t["dtype"], "shape": [-1] * len(t["shape"])}
+                           for t in ort.spec["inputs"]]}
+    ids = np.ones((2, 8), dtype=np.int64)
+    good = {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids}
+    for change, match in [
+        ({"token_type_ids": None}, r"graph \w+.onnx takes inputs .*missing \['token_type_ids'\]"),
+        ({"input_ids": ids.astype(np.int32)}, "dtype int32; expected int64"),
+        ({"input_ids": ids[0]}, "rank 1"),
+        ({"input_ids": ids.tolist()}, "is a list; pass a numpy array"),
+    ]:
+        feeds = {k: v for k, v in {**good, **change}.items() if v is not None}
+        said = []
+        for graph in (ort, trt):
+            with pytest.raises(errors.InputError, match=match) as exc:
+                graph.run(feeds)
+            said.append(str(exc.value))
+        assert said[0].split(" with dims")[0] == said[1].split(" with dims")[0]  # dims: names vs -1
+    check_feeds(trt.spec["inputs"], {k: v[:, :3] for k, v in good.items()}, "model.plan")  # -1: any size
