@@ -29,7 +29,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent  # the checkout or the install
 @dataclass
 class TritonOptions:
     name: str | None = None
-    max_batch: int = 32
+    max_batch: int | None = None     # None: 32, or the engines' largest batch where smaller (--kind gpu)
     instances: int = 2
     kind: str = "cpu"
     env: Path | None = None          # EXECUTION_ENV_PATH: a venv with numpy<2, onnxruntime, tokenizers
@@ -48,6 +48,7 @@ class TritonOptions:
 # (prompt + new tokens): SmolLM2-135M in FP32 keeps 46 KB per position, so 32
 # rows of 1,024 positions take ~1.5 GB. Input tokens default to the model's
 # max_length; rows to at least --max-batch, so a full greedy request fits.
+DEFAULT_MAX_BATCH = 32
 ORT_CAPS = {"max_new_tokens": 512, "max_beams": 8, "max_rows": 32}
 CAPS = {"max_input_tokens": "FASTERTRT_MAX_INPUT_TOKENS", "max_new_tokens": "FASTERTRT_MAX_NEW_TOKENS",
         "max_beams": "FASTERTRT_MAX_BEAMS", "max_rows": "FASTERTRT_MAX_ROWS"}
@@ -133,6 +134,9 @@ def config_text(manifest: dict, opts: TritonOptions, name: str, stream: bool = F
 def _check(opts: TritonOptions, manifest: dict) -> None:
     if opts.kind not in KINDS:
         raise InputError(f"--kind must be one of {KINDS}, got {opts.kind!r}")
+    if opts.max_batch is None:
+        top = engine_limits(manifest, 1).get("max_batch")
+        opts.max_batch = min(DEFAULT_MAX_BATCH, top) if opts.kind == "gpu" and top else DEFAULT_MAX_BATCH
     if opts.max_batch < 1 or opts.instances < 1:
         raise InputError(f"--max-batch and --instances must be at least 1 (got {opts.max_batch}, {opts.instances})")
     if opts.kind == "gpu" and not manifest.get("engines"):
@@ -189,9 +193,10 @@ def caps(manifest: dict, opts: TritonOptions) -> dict:
     max_length = int(manifest["model"].get("max_length", 2048))
     limits = {"max_input_tokens": max_length, "max_new_tokens": max(1, max_length - 1)}
     source = dict.fromkeys(limits, f"the model's {max_length} positions")
-    defaults = {**ORT_CAPS, "max_rows": max(ORT_CAPS["max_rows"], opts.max_batch)}
+    max_batch = opts.max_batch or DEFAULT_MAX_BATCH
+    defaults = {**ORT_CAPS, "max_rows": max(ORT_CAPS["max_rows"], max_batch)}
     if opts.kind == "gpu":
-        for key, value in engine_limits(manifest, opts.max_batch).items():
+        for key, value in engine_limits(manifest, max_batch).items():
             if key in CAPS and value <= limits.get(key, value):
                 limits[key], source[key] = value, "the engines' optimization profiles"
         defaults.update(limits)  # the engines were built for this much: let requests use it

@@ -179,7 +179,7 @@ def check_not_running(source: Path) -> None:
         by = f"fastertrt pid {owner}, still running" if owner and _alive(owner) else f"fastertrt pid {owner}, gone"
         http, grpc, metrics = rec["ports"]
         raise ServerError(f"a tritonserver (pid {rec['pid']}) from an earlier fastertrt serve ({by}) still serves "
-                          f"{source} on ports http {http}, grpc {grpc}, metrics {metrics}; stop it with: "
+                          f"{Path(source).resolve()} on ports http {http}, grpc {grpc}, metrics {metrics}; stop it with: "
                           f"kill {rec['pid']}")
 
 

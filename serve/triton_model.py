@@ -121,7 +121,7 @@ class TritonPythonModel:
                 rows = self._rows(request)
                 kw = self._check_caps(rows, self._generation_options(self._params(request, allowed)))
                 work.append((i, rows, kw))
-            except (BadRequest, ValueError) as exc:
+            except (BadRequest, ValueError, TypeError) as exc:  # a bad parameter value fails its request only
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         if self.kind == "encoder":
             self._encode(work, responses)

@@ -297,6 +297,9 @@ def test_caps_come_from_the_engines_profiles_and_max_batch_is_checked():
     assert caps(DECODER, gpu) == {"FASTERTRT_MAX_INPUT_TOKENS": 128, "FASTERTRT_MAX_NEW_TOKENS": 383,
                                   "FASTERTRT_MAX_BEAMS": 4, "FASTERTRT_MAX_ROWS": 16}
     _check(gpu, DECODER)
+    unasked = TritonOptions(kind="gpu")
+    _check(unasked, DECODER)
+    assert unasked.max_batch == 4  # not asked for: what the engines take, not the CPU default of 32
     with pytest.raises(InputError, match=r"--max-batch 8 is above the largest batch the bundle's engines take \(4"):
         _check(TritonOptions(kind="gpu", max_batch=8), DECODER)
     with pytest.raises(InputError, match="--max-beams 8 is above the 4 that the engines' optimization profiles take"):

@@ -132,8 +132,7 @@ def port_int(text: str) -> int:
 
 def _add_cap_args(p) -> None:
     """Per-request caps of the Triton model (config.pbtxt FASTERTRT_MAX_*)."""
-    g = p.add_argument_group("per-request caps (default: the engines' profiles with --kind gpu, else the "
-                             "ONNX Runtime defaults in the examples)")
+    g = p.add_argument_group("per-request caps, config.pbtxt FASTERTRT_MAX_* (defaults: see export-triton --help)")
     g.add_argument("--max-input-tokens", type=positive_int, default=None, help="tokens per input row")
     g.add_argument("--max-new-tokens", type=positive_int, default=None, help="decoders: max_new_tokens")
     g.add_argument("--max-beams", type=positive_int, default=None, help="decoders: num_beams")
@@ -359,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("bundle")
     et.add_argument("-o", "--output", required=True, help="repository folder to write")
     et.add_argument("--name", default=None, help="model name (default: the bundle folder's name)")
-    et.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
+    et.add_argument("--max-batch", type=positive_int, default=None, help="max_batch_size (default 32; with "
+                    "--kind gpu no more than the engines' profiles take)")
     et.add_argument("--instances", type=positive_int, default=2, help="model instances (default 2)")
     et.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="cpu: ONNX Runtime; gpu: the bundle's "
                     "TensorRT engines (default cpu)")
@@ -380,7 +380,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--grpc-port", type=port_int, default=0, help="gRPC port (default: a free one)")
     sv.add_argument("--metrics-port", type=port_int, default=0, help="metrics port (default: a free one)")
     sv.add_argument("--instances", type=positive_int, default=2, help="model instances when exporting a bundle")
-    sv.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size when exporting a bundle")
+    sv.add_argument("--max-batch", type=positive_int, default=None, help="max_batch_size when exporting a bundle "
+                    "(default 32)")
     sv.add_argument("--log", default=None, metavar="FILE", help="tritonserver's log, kept after it stops (default: "
                     "SOURCE.tritonserver.log next to SOURCE)")
     _add_cap_args(sv)
