@@ -228,19 +228,26 @@ def release_signals() -> None:
         _HELD["saved"].clear()
 
 
-def _parent_death_signal():
-    """preexec_fn for Linux: the server gets SIGTERM when the thread that started
-    it dies, which also covers a SIGKILL of this process that no handler sees.
-    Only for the main thread: a worker thread's exit would stop the server."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    import ctypes
+def _child_setup(mask):
+    """preexec_fn: the signal mask the parent had before holding signals for the
+    fork, and on Linux SIGTERM when the thread that started the server dies, which
+    also covers a SIGKILL of this process that no handler sees. The latter only
+    from the main thread: a worker thread's exit would stop the server."""
+    prctl = None
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        import ctypes
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+
+    def setup():
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+
+    return setup
 
 
 _LIVE: dict[int, "TritonServer"] = {}
@@ -312,9 +319,15 @@ class TritonServer:
         except OSError as exc:
             raise ServerError(f"cannot write the tritonserver log {self.log} ({exc.strerror}); name a writable "
                               f"file with --log FILE") from exc
-        with log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True, preexec_fn=_parent_death_signal())
+        # A signal that raised between the fork and Popen returning would lose the
+        # pid, so they wait until self.process is set; the child gets the old mask.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        try:
+            with log:
+                self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True, preexec_fn=_child_setup(mask))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._write_record()
 
     def _write_record(self) -> None:
