@@ -20,11 +20,13 @@ _PROBE = ("import json, sys, numpy, onnxruntime, tokenizers; print(json.dumps({'
 
 
 def make_env(path: Path, gpu: bool = False) -> dict:
-    """Create the venv at `path` and install the runtime's packages (needs the package index)."""
+    """Create the venv at `path` (new or empty) and install the runtime's packages
+    (needs the package index). Anything else at `path` is refused, never changed."""
     import venv
 
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
+    _check_target(path)
+    if path.is_dir() and any(path.iterdir()):
         try:
             return {**check_env(path), "reused": True}  # already made: running the setup again is harmless
         except InputError as exc:
@@ -37,6 +39,16 @@ def make_env(path: Path, gpu: bool = False) -> dict:
     if run.returncode != 0:
         raise InputError(f"pip could not install {' '.join(reqs)} into {path}:\n{run.stderr[-2000:]}")
     return check_env(path)
+
+
+def _check_target(path: Path) -> None:
+    """A path serve-env may use: missing, an empty folder, or a venv (which is checked, not changed)."""
+    fix = "give a new folder, e.g. fastertrt serve-env triton-env"
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        what = "a file" if path.is_file() else "not a folder (a broken link or a special file)"
+        raise InputError(f"serve-env makes a folder and {path} is {what}; {fix}")
+    if path.is_dir() and any(path.iterdir()) and not (path / "pyvenv.cfg").is_file():
+        raise InputError(f"{path} is a folder with other content, not a Python venv (no pyvenv.cfg); {fix}")
 
 
 def check_env(path: Path) -> dict:

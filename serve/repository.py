@@ -30,13 +30,29 @@ _PACKAGE = Path(__file__).resolve().parent.parent  # the checkout or the install
 @dataclass
 class TritonOptions:
     name: str | None = None
-    max_batch: int = 32
+    max_batch: int | None = None     # None: 32, or the engines' largest batch where smaller (--kind gpu)
     instances: int = 2
     kind: str = "cpu"
     env: Path | None = None          # EXECUTION_ENV_PATH: a venv with numpy<2, onnxruntime, tokenizers
     threads: int | None = None       # ONNX Runtime intra-op threads per instance
     max_queue_delay_us: int = 2000
     python: str | None = None        # the environment's Python version (the backend stub must match it)
+    # per-request caps (config.pbtxt FASTERTRT_MAX_*); None: the engines' limits (--kind gpu) or ORT_CAPS
+    max_input_tokens: int | None = None
+    max_new_tokens: int | None = None
+    max_beams: int | None = None
+    max_rows: int | None = None      # prompts x beams in one request
+
+
+# Per-request caps on ONNX Runtime, which has no profiles to take them from. A
+# decoder request's KV cache grows with rows (prompts x beams) x positions
+# (prompt + new tokens): SmolLM2-135M in FP32 keeps 46 KB per position, so 32
+# rows of 1,024 positions take ~1.5 GB. Input tokens default to the model's
+# max_length; rows to at least --max-batch, so a full greedy request fits.
+DEFAULT_MAX_BATCH = 32
+ORT_CAPS = {"max_new_tokens": 512, "max_beams": 8, "max_rows": 32}
+CAPS = {"max_input_tokens": "FASTERTRT_MAX_INPUT_TOKENS", "max_new_tokens": "FASTERTRT_MAX_NEW_TOKENS",
+        "max_beams": "FASTERTRT_MAX_BEAMS", "max_rows": "FASTERTRT_MAX_ROWS"}
 
 
 def _runtime_sources(lib: Path) -> None:
@@ -103,6 +119,7 @@ def config_text(manifest: dict, opts: TritonOptions, name: str, stream: bool = F
         params["EXECUTION_ENV_PATH"] = str(Path(opts.env).resolve())
     if opts.threads:
         params["FASTERTRT_THREADS"] = str(int(opts.threads))
+    params.update({k: str(v) for k, v in caps(manifest, opts).items()})
     parameters = "\n".join(f"parameters: {{\n  key: \"{k}\"\n  value: {{ string_value: \"{v}\" }}\n}}"
                            for k, v in params.items())
     preferred = ", ".join(str(b) for b in _preferred(manifest, opts.max_batch))
@@ -119,17 +136,83 @@ def config_text(manifest: dict, opts: TritonOptions, name: str, stream: bool = F
 def _check(opts: TritonOptions, manifest: dict) -> None:
     if opts.kind not in KINDS:
         raise InputError(f"--kind must be one of {KINDS}, got {opts.kind!r}")
+    if opts.max_batch is None:
+        top = engine_limits(manifest, 1).get("max_batch")
+        opts.max_batch = min(DEFAULT_MAX_BATCH, top) if opts.kind == "gpu" and top else DEFAULT_MAX_BATCH
     if opts.max_batch < 1 or opts.instances < 1:
         raise InputError(f"--max-batch and --instances must be at least 1 (got {opts.max_batch}, {opts.instances})")
     if opts.kind == "gpu" and not manifest.get("engines"):
         raise InputError("--kind gpu serves the bundle's TensorRT engines, and this bundle has none; build them "
                          "with: fastertrt build BUNDLE, or export with --kind cpu (ONNX Runtime)")
+    top = engine_limits(manifest, opts.max_batch).get("max_batch")
+    if opts.kind == "gpu" and top is not None and opts.max_batch > top:
+        raise InputError(f"--max-batch {opts.max_batch} is above the largest batch the bundle's engines take "
+                         f"({top}, their optimization profiles' max); lower it to --max-batch {top}, or rebuild "
+                         f"the engines wider: fastertrt build BUNDLE --shapes batch=1:8:{opts.max_batch},...")
+    caps(manifest, opts)
     if opts.env is not None:
         from fastertrt.serve.environment import check_env
 
         opts.python = check_env(Path(opts.env))["python"]
     if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
         raise InputError(f"--name {opts.name!r} cannot name a model folder")
+
+
+def engine_limits(manifest: dict, max_batch: int) -> dict:
+    """The most the engines the runtime runs (the last built per graph) take, from
+    their optimization profiles: max_batch, max_beams, max_rows, max_input_tokens,
+    max_new_tokens (those the profiles name; the smallest over graphs)."""
+    from fastertrt.runtime.engines import engines_for
+
+    limits: dict = {}
+
+    def lower(key, value):
+        limits[key] = min(limits.get(key, value), value)
+
+    for graph in manifest["graphs"]:
+        found = engines_for(manifest, graph)
+        if not found:
+            continue
+        profiles = [p["dims"] for p in found[-1]["profiles"]]
+        for dim, key in (("batch", "max_batch"), ("beams", "max_beams"), ("rows", "max_rows")):
+            if any(dim in p for p in profiles):
+                lower(key, max(int(p[dim][2]) for p in profiles if dim in p))
+        if graph in ("encoder", "prefill"):
+            # every row of a full batch this long must fit one profile, or the whole batch fails
+            full = [int(p["seq"][2]) for p in profiles
+                    if "seq" in p and int(p.get("batch", [0, 0, max_batch])[2]) >= max_batch]
+            if full:
+                lower("max_input_tokens", max(full))
+        if any("total" in p for p in profiles):  # prompt + new tokens; the shortest prompt is one token
+            lower("max_new_tokens", max(int(p["total"][2]) for p in profiles if "total" in p) - 1)
+    return limits
+
+
+def caps(manifest: dict, opts: TritonOptions) -> dict:
+    """config.pbtxt's per-request caps {FASTERTRT_MAX_*: value}: each one asked for,
+    else what the engines take (--kind gpu) or ORT_CAPS; asking for more than the
+    model's positions or the engines' profiles take is an InputError."""
+    max_length = int(manifest["model"].get("max_length", 2048))
+    limits = {"max_input_tokens": max_length, "max_new_tokens": max(1, max_length - 1)}
+    source = dict.fromkeys(limits, f"the model's {max_length} positions")
+    max_batch = opts.max_batch or DEFAULT_MAX_BATCH
+    defaults = {**ORT_CAPS, "max_rows": max(ORT_CAPS["max_rows"], max_batch)}
+    if opts.kind == "gpu":
+        for key, value in engine_limits(manifest, max_batch).items():
+            if key in CAPS and value <= limits.get(key, value):
+                limits[key], source[key] = value, "the engines' optimization profiles"
+        defaults.update(limits)  # the engines were built for this much: let requests use it
+    keys = ("max_input_tokens",) if manifest["kind"] == "encoder" else tuple(CAPS)
+    out = {}
+    for key in keys:
+        asked, limit = getattr(opts, key), limits.get(key)
+        flag = "--" + key.replace("_", "-")
+        if asked is not None and limit is not None and asked > limit:
+            rebuild = " or rebuild the engines with wider --shapes" if "engines" in source[key] else ""
+            raise InputError(f"{flag} {asked} is above the {limit} that {source[key]} take; ask for at most "
+                             f"{limit}{rebuild}")
+        out[CAPS[key]] = asked or min(defaults.get(key, limit), limit or defaults[key])
+    return out
 
 
 def plan_engine(manifest: dict) -> dict | None:
@@ -157,6 +240,10 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
         notes.append("no --env: the model runs in the python3 first on tritonserver's PATH, which needs numpy<2, "
                      "onnxruntime and tokenizers (under numpy 2 the backend stub misreads inputs silently); "
                      "fastertrt serve-env ENV makes such an environment")
+    top = engine_limits(manifest, opts.max_batch).get("max_batch")
+    if opts.kind == "cpu" and top is not None and opts.max_batch > top:
+        notes.append(f"--max-batch {opts.max_batch} is above the {top} that the bundle's engines take: fine on "
+                     f"ONNX Runtime (--kind cpu), but --kind gpu would need --max-batch {top} or wider engines")
     if manifest["kind"] == "decoder":
         models.append(f"{name}_stream")
     check_output(output, overwrite, kinds=("repository",))

@@ -6,7 +6,9 @@ and tokenizers (and tensorrt + cuda-python for engines).
 Triton hands `execute` every request its dynamic batcher gathered; they are run
 as one padded batch through the runtime and the outputs split back per request.
 A bad request gets an error response naming the problem; the others in the
-batch are still served.
+batch are still served. That includes requests beyond the caps in config.pbtxt
+(FASTERTRT_MAX_INPUT_TOKENS, _NEW_TOKENS, _BEAMS, _ROWS): one request must not
+exhaust the memory the whole batch runs in.
 """
 
 import json
@@ -19,6 +21,11 @@ import triton_python_backend_utils as pb_utils  # only inside tritonserver's Pyt
 
 class BadRequest(ValueError):
     pass
+
+
+DEFAULT_NEW_TOKENS = 32  # Decoder.generate's default, lowered to the cap where the cap is lower
+_OPTIONS = {"FASTERTRT_MAX_INPUT_TOKENS": "--max-input-tokens", "FASTERTRT_MAX_NEW_TOKENS": "--max-new-tokens",
+            "FASTERTRT_MAX_BEAMS": "--max-beams", "FASTERTRT_MAX_ROWS": "--max-rows"}
 
 
 class TritonPythonModel:
@@ -35,6 +42,7 @@ class TritonPythonModel:
         self.kind = self.model.manifest["kind"]
         self.outputs = [o["name"] for o in self.config["output"]]
         self.max_length = self.model.max_length
+        self.caps = {k: int(params[k]) for k in _OPTIONS if k in params}
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
 
     # --- requests ---------------------------------------------------------------
@@ -75,7 +83,26 @@ class TritonPythonModel:
         longest = max(len(r) for r in rows)
         if longest > self.max_length:
             raise BadRequest(f"a row has {longest} tokens; this model takes at most {self.max_length}")
+        self._cap("FASTERTRT_MAX_INPUT_TOKENS", longest, "a row's token count")
         return rows
+
+    def _cap(self, key, value, what):
+        cap = self.caps.get(key)
+        if cap is not None and value > cap:
+            raise BadRequest(f"{what} {value} is above this model's cap of {cap} ({key} in its config.pbtxt); "
+                             f"ask for less or split the request, or export the repository again with "
+                             f"{_OPTIONS[key]} N (fastertrt export-triton or serve)")
+
+    def _check_caps(self, rows, kw):
+        """Cap the request's new tokens, beams and rows (prompts x beams), which set
+        the memory its generation takes."""
+        kw.setdefault("max_new_tokens", min(DEFAULT_NEW_TOKENS, self.caps.get("FASTERTRT_MAX_NEW_TOKENS",
+                                                                               DEFAULT_NEW_TOKENS)))
+        beams = kw.get("num_beams", 1)
+        self._cap("FASTERTRT_MAX_NEW_TOKENS", kw["max_new_tokens"], "max_new_tokens")
+        self._cap("FASTERTRT_MAX_BEAMS", beams, "num_beams")
+        self._cap("FASTERTRT_MAX_ROWS", len(rows) * max(beams, 1), f"{len(rows)} prompt(s) x {beams} beam(s) =")
+        return kw
 
     def execute(self, requests):
         if self.decoupled:
@@ -83,20 +110,24 @@ class TritonPythonModel:
                 self._stream(request)
             return None
         responses = [None] * len(requests)
-        work = []  # (request index, rows, params)
+        work = []  # (request index, rows, generation options)
         for i, request in enumerate(requests):
             try:
-                allowed = () if self.kind == "encoder" else (
-                    "max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "eos_token_id",
-                    "early_stopping")
-                work.append((i, self._rows(request), self._params(request, allowed)))
-            except (BadRequest, ValueError) as exc:
+                if self.kind == "encoder":
+                    work.append((i, self._rows(request), self._params(request, ())))
+                    continue
+                allowed = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "eos_token_id",
+                           "early_stopping")
+                rows = self._rows(request)
+                kw = self._check_caps(rows, self._generation_options(self._params(request, allowed)))
+                work.append((i, rows, kw))
+            except (BadRequest, ValueError, TypeError) as exc:  # a bad parameter value fails its request only
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         if self.kind == "encoder":
             self._encode(work, responses)
         else:
-            for i, rows, params in work:
-                responses[i] = self._generate(rows, params)
+            for i, rows, kw in work:
+                responses[i] = self._generate(rows, kw)
         return responses
 
     def _encode(self, work, responses):
@@ -133,9 +164,9 @@ class TritonPythonModel:
             kw["eos_token_id"] = [int(e) for e in str(params["eos_token_id"]).split(",")]
         return kw
 
-    def _generate(self, rows, params):
+    def _generate(self, rows, kw):
         try:
-            gen = self.model.generate(rows, **self._generation_options(params))
+            gen = self.model.generate(rows, **kw)
         except Exception as exc:  # noqa: BLE001 - InputError names the bad option; nothing may crash the stub
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         width = max(len(t) for t in gen.new_tokens)
@@ -155,7 +186,7 @@ class TritonPythonModel:
         try:
             rows = self._rows(request)
             params = self._params(request, ("max_new_tokens", "min_new_tokens", "eos_token_id"))
-            kw = self._generation_options(params)
+            kw = self._check_caps(rows[:1], self._generation_options(params))
             tokens, said = [], [""]
 
             def on_token(step, new):

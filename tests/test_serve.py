@@ -40,8 +40,10 @@ def server(bundles, tmp_path_factory):
     opts = TritonOptions(name="minilm", env=env, max_batch=16, instances=1, threads=1, max_queue_delay_us=20000)
     info = export_repository(bundles.shipped("minilm"), repo, opts)
     # a second model in the same repository: the tiny decoder
-    export_repository(bundles.tiny("llama"), repo.with_name("dec"), TritonOptions(name="tinyllama", env=env,
-                                                                                   max_batch=4, instances=1))
+    # low caps, and a long enough queue delay that concurrent requests meet in one batch
+    export_repository(bundles.tiny("llama"), repo.with_name("dec"), TritonOptions(
+        name="tinyllama", env=env, max_batch=4, instances=1, max_new_tokens=8, max_beams=2, max_rows=4,
+        max_queue_delay_us=100000))
     for model in ("tinyllama", "tinyllama_stream"):
         (repo / model).symlink_to(repo.with_name("dec") / model, target_is_directory=True)
     srv = TritonServer(repo, python=info["python"])
@@ -234,3 +236,117 @@ def test_bench_triton_writes_side_by_side_rows(bundles, tmp_path):
         assert r["requests"] == 24 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
     served = [r for r in rows if "executions" in r]
     assert all(1 <= r["executions"] <= 24 for r in served)
+
+
+def test_requests_beyond_the_caps_fail_alone_in_their_batch(server, bundles):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    import fastertrt
+
+    cfg = (Path(server.repository) / "tinyllama" / "config.pbtxt").read_text()
+    for key, value in (("FASTERTRT_MAX_NEW_TOKENS", 8), ("FASTERTRT_MAX_BEAMS", 2), ("FASTERTRT_MAX_ROWS", 4)):
+        assert f'key: "{key}"\n  value: {{ string_value: "{value}" }}' in cfg
+    prompt = [5, 9, 17, 33]
+    want = fastertrt.load(bundles.tiny("llama")).generate([prompt], max_new_tokens=3)
+    asks = [{"max_new_tokens": 3}, {"max_new_tokens": 3, "num_beams": 3}, {"max_new_tokens": 9},
+            {"max_new_tokens": 3}]
+    client = http.InferenceServerClient(server.http, concurrency=len(asks))
+    inp = http.InferInput("input_ids", [1, len(prompt)], "INT64")
+    inp.set_data_from_numpy(np.array([prompt], np.int64))
+    before = server.model_stats("tinyllama")
+    pending = [client.async_infer("tinyllama", [inp], parameters=p) for p in asks]  # one batch of 4 rows
+    results = []
+    for p in pending:
+        try:
+            results.append(p.get_result(timeout=60))
+        except InferenceServerException as exc:
+            results.append(exc)
+    after = server.model_stats("tinyllama")
+    assert after[1] - before[1] == 1, (before, after)  # all four in one execution
+    for i in (0, 3):
+        assert [int(t) for t in results[i].as_numpy("token_ids")[0]] == [int(t) for t in want.new_tokens[0]]
+    assert isinstance(results[1], InferenceServerException) and isinstance(results[2], InferenceServerException)
+    assert "num_beams 3 is above this model's cap of 2 (FASTERTRT_MAX_BEAMS" in str(results[1])
+    assert "--max-beams" in str(results[1])
+    assert "max_new_tokens 9 is above this model's cap of 8 (FASTERTRT_MAX_NEW_TOKENS" in str(results[2])
+    # prompts x beams: 3 x 2 rows is over the cap of 4
+    three = http.InferInput("input_ids", [3, len(prompt)], "INT64")
+    three.set_data_from_numpy(np.array([prompt] * 3, np.int64))
+    rows = r"3 prompt\(s\) x 2 beam\(s\) = 6 is above .*FASTERTRT_MAX_ROWS"
+    with pytest.raises(InferenceServerException, match=rows):
+        client.infer("tinyllama", [three], parameters={"num_beams": 2, "max_new_tokens": 2})
+
+
+def _engine(graph: str, **dims) -> dict:
+    return {"graph": graph, "file": f"engines/{graph}.engine", "backend": "tensorrt-rtx", "precision": "fp16",
+            "profiles": [{"dims": {k: list(v) for k, v in dims.items()}, "inputs": {}}]}
+
+
+DECODER = {"kind": "decoder", "model": {"max_length": 512}, "graphs": {"prefill": {}, "decode": {}},
+           "engines": [_engine("prefill", batch=(1, 1, 4), beams=(1, 1, 4), rows=(1, 1, 16), seq=(1, 64, 128)),
+                       _engine("decode", batch=(1, 1, 4), beams=(1, 1, 4), rows=(1, 1, 16), seq=(1, 1, 1),
+                               past=(1, 128, 383), total=(2, 129, 384))]}
+
+
+def test_caps_come_from_the_engines_profiles_and_max_batch_is_checked():
+    from fastertrt.errors import InputError
+    from fastertrt.serve.repository import TritonOptions, _check, caps
+
+    gpu = TritonOptions(kind="gpu", max_batch=4)
+    assert caps(DECODER, gpu) == {"FASTERTRT_MAX_INPUT_TOKENS": 128, "FASTERTRT_MAX_NEW_TOKENS": 383,
+                                  "FASTERTRT_MAX_BEAMS": 4, "FASTERTRT_MAX_ROWS": 16}
+    _check(gpu, DECODER)
+    unasked = TritonOptions(kind="gpu")
+    _check(unasked, DECODER)
+    assert unasked.max_batch == 4  # not asked for: what the engines take, not the CPU default of 32
+    with pytest.raises(InputError, match=r"--max-batch 8 is above the largest batch the bundle's engines take \(4"):
+        _check(TritonOptions(kind="gpu", max_batch=8), DECODER)
+    with pytest.raises(InputError, match="--max-beams 8 is above the 4 that the engines' optimization profiles take"):
+        _check(TritonOptions(kind="gpu", max_batch=4, max_beams=8), DECODER)
+    # ONNX Runtime has no profiles: documented defaults, bounded by the model's positions
+    assert caps(DECODER, TritonOptions(max_batch=8)) == {
+        "FASTERTRT_MAX_INPUT_TOKENS": 512, "FASTERTRT_MAX_NEW_TOKENS": 511, "FASTERTRT_MAX_BEAMS": 8,
+        "FASTERTRT_MAX_ROWS": 32}
+    assert caps(DECODER, TritonOptions(max_batch=40))["FASTERTRT_MAX_ROWS"] == 40  # a full greedy request fits
+    assert caps(DECODER, TritonOptions(max_beams=32, max_new_tokens=100))["FASTERTRT_MAX_BEAMS"] == 32
+    # an encoder whose full batch only fits the short profile takes rows of that length
+    encoder = {"kind": "encoder", "model": {"max_length": 512}, "graphs": {"encoder": {}}, "engines": [
+        _engine("encoder", batch=(1, 2, 4), seq=(1, 16, 256))]}
+    encoder["engines"][0]["profiles"].append({"dims": {"batch": [8, 8, 16], "seq": [1, 8, 32]}, "inputs": {}})
+    assert caps(encoder, TritonOptions(kind="gpu", max_batch=16)) == {"FASTERTRT_MAX_INPUT_TOKENS": 32}
+    assert caps(encoder, TritonOptions(kind="gpu", max_batch=4)) == {"FASTERTRT_MAX_INPUT_TOKENS": 256}
+
+
+def test_ports_given_are_kept_and_the_rest_are_free():
+    import socket
+
+    from fastertrt.serve.server import ServerError, free_ports, pick_ports
+
+    port = free_ports(1)[0]
+    ports = pick_ports([port, 0, 0])
+    assert ports[0] == port and len(set(ports)) == 3
+    assert pick_ports([0, 0, port])[2] == port
+    with pytest.raises(ServerError, match="the ports must differ"):
+        pick_ports([port, port, 0])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ServerError, match=f"--grpc-port {busy.getsockname()[1]}: the port is in use"):
+            pick_ports([0, busy.getsockname()[1], 0])
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_serve_env_refuses_a_file_or_a_foreign_folder(tmp_path, capsys, what):
+    target = tmp_path / "target"
+    if what == "file":
+        target.write_text("keep me")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("keep me")
+    assert main(["serve-env", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastertrt serve-env: error: InputError: ") and err.count("\n") == 1, err
+    assert ("is a file" if what == "file" else "not a Python venv") in err
+    assert (target if what == "file" else target / "notes.txt").read_text() == "keep me"
+    assert what == "file" or [p.name for p in target.iterdir()] == ["notes.txt"]

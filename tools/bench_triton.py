@@ -69,7 +69,9 @@ def run_triton_bench(bundle: Path, env: Path, concurrencies=(1, 8, 32), requests
     with tempfile.TemporaryDirectory(prefix="fastertrt-bench-") as tmp:
         opts = TritonOptions(name="model", env=env, instances=instances, threads=threads)
         info = export_repository(bundle, Path(tmp) / "models", opts)
-        with TritonServer(Path(tmp) / "models", python=info["python"]) as server:
+        # the repository is temporary, the server's log is kept next to the bundle
+        log = bundle.resolve().parent / f"{bundle.resolve().name}.bench-triton.log"
+        with TritonServer(Path(tmp) / "models", python=info["python"], log=log) as server:
             clients = threading.local()
 
             def call(text):
@@ -90,12 +92,13 @@ def run_triton_bench(bundle: Path, env: Path, concurrencies=(1, 8, 32), requests
                 row["mean_batch"] = (after[0] - before[0]) / max(1, after[1] - before[1])
                 rows.append(row)
     result = {"bundle": str(bundle), "requests_per_row": requests, "instances": instances, "threads": threads,
-              "rows": rows}
+              "rows": rows, "server_log": str(log)}
     print(f"{'backend':<32} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}")
     for r in rows:
         batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
         print(f"{r['backend']:<32} {r['concurrency']:>4} {r['requests_per_s']:>8.1f} {r['p50_ms']:>8.2f} "
               f"{r['p99_ms']:>8.2f} {batch:>10}")
+    print(f"tritonserver log: {log}")
     if output:
         Path(output).write_text(json.dumps(result, indent=1))
         print(f"wrote {output}")

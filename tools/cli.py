@@ -70,15 +70,24 @@ examples:
   fastertrt serve-env triton-env                               # once: numpy<2, onnxruntime, tokenizers
   fastertrt export-triton minilm.bundle -o models --env triton-env
   fastertrt export-triton minilm.bundle -o models --name embed --max-batch 64 --instances 4 --env triton-env
-  fastertrt export-triton smollm2.bundle -o models --env triton-env --max-batch 8
+  fastertrt export-triton smollm2.bundle -o models --env triton-env --max-batch 8 --max-beams 4 --max-new-tokens 256
   fastertrt export-triton minilm.bundle -o models --kind gpu --env triton-env   # TensorRT engines, KIND_GPU
-  tritonserver --model-repository models                        # or: fastertrt serve minilm.bundle --env triton-env
+  fastertrt serve models --env triton-env                       # or your own tritonserver --model-repository models
+
+per-request caps (config.pbtxt FASTERTRT_MAX_*; a request beyond one gets an error, its batch is served):
+  --kind gpu: the engines' optimization profiles; --kind cpu: input tokens up to the model's max length,
+  512 new tokens (fewer where the max length is shorter), 8 beams, max(32, --max-batch) rows (prompts x beams).
 """
 EPILOG_SERVE = """\
 examples:
   fastertrt serve minilm.bundle --env triton-env               # loopback, free ports, until Ctrl-C
-  fastertrt serve models --env triton-env --http-port 8000      # an exported repository
-  curl -s localhost:PORT/v2/models/minilm/infer -d '{"inputs":[{"name":"TEXT","shape":[1,1],"datatype":"BYTES","data":["hello"]}]}'
+  fastertrt serve models --env triton-env --http-port 8000      # an exported repository; gRPC, metrics: free ports
+  fastertrt serve smollm2.bundle --env triton-env --max-beams 2 --log /tmp/smollm2-triton.log
+  curl -s localhost:8000/v2/models/minilm/infer -d '{"inputs":[{"name":"TEXT","shape":[1,1],"datatype":"BYTES","data":["hello"]}]}'
+
+The server log is kept after it stops (default: SOURCE.tritonserver.log next to SOURCE). Its pid is recorded
+under $FASTERTRT_STATE_DIR (default ~/.local/state/fastertrt), so serving the same SOURCE again while it runs
+names it. SIGTERM, SIGHUP and Ctrl-C stop it, also while it starts.
 """
 EPILOG_SERVE_ENV = """\
 examples:
@@ -127,6 +136,19 @@ def port_int(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 picks a free one, else 1..65535)")
     return value
+
+
+def _add_cap_args(p) -> None:
+    """Per-request caps of the Triton model (config.pbtxt FASTERTRT_MAX_*)."""
+    g = p.add_argument_group("per-request caps, config.pbtxt FASTERTRT_MAX_* (defaults: see export-triton --help)")
+    g.add_argument("--max-input-tokens", type=positive_int, default=None, help="tokens per input row")
+    g.add_argument("--max-new-tokens", type=positive_int, default=None, help="decoders: max_new_tokens")
+    g.add_argument("--max-beams", type=positive_int, default=None, help="decoders: num_beams")
+    g.add_argument("--max-rows", type=positive_int, default=None, help="decoders: prompts x beams in one request")
+
+
+def _cap_options(args) -> dict:
+    return {k: getattr(args, k) for k in ("max_input_tokens", "max_new_tokens", "max_beams", "max_rows")}
 
 
 def _add_build_args(p, auto: bool) -> None:
@@ -366,7 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("bundle")
     et.add_argument("-o", "--output", required=True, help="repository folder to write")
     et.add_argument("--name", default=None, help="model name (default: the bundle folder's name)")
-    et.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
+    et.add_argument("--max-batch", type=positive_int, default=None, help="max_batch_size (default 32; with "
+                    "--kind gpu no more than the engines' profiles take)")
     et.add_argument("--instances", type=positive_int, default=2, help="model instances (default 2)")
     et.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="cpu: ONNX Runtime; gpu: the bundle's "
                     "TensorRT engines (default cpu)")
@@ -374,6 +397,7 @@ def _parser() -> argparse.ArgumentParser:
                     "packages (fastertrt serve-env makes one); default: the python3 first on tritonserver's PATH")
     et.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads per instance")
     et.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    _add_cap_args(et)
 
     sv = sub.add_parser("serve", help="serve a bundle with a local tritonserver", epilog=EPILOG_SERVE,
                         formatter_class=fmt, description=(
@@ -386,7 +410,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--grpc-port", type=port_int, default=0, help="gRPC port (default: a free one)")
     sv.add_argument("--metrics-port", type=port_int, default=0, help="metrics port (default: a free one)")
     sv.add_argument("--instances", type=positive_int, default=2, help="model instances when exporting a bundle")
-    sv.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size when exporting a bundle")
+    sv.add_argument("--max-batch", type=positive_int, default=None, help="max_batch_size when exporting a bundle "
+                    "(default 32)")
+    sv.add_argument("--log", default=None, metavar="FILE", help="tritonserver's log, kept after it stops (default: "
+                    "SOURCE.tritonserver.log next to SOURCE)")
+    _add_cap_args(sv)
 
     se = sub.add_parser("serve-env", help="make the Python environment Triton's Python backend runs the model in",
                         epilog=EPILOG_SERVE_ENV, formatter_class=fmt, description=(
@@ -558,7 +586,7 @@ def _export_triton(args) -> int:
     from fastertrt.serve.repository import TritonOptions, export_repository
 
     opts = TritonOptions(name=args.name, max_batch=args.max_batch, instances=args.instances, kind=args.kind,
-                         env=Path(args.env) if args.env else None, threads=args.threads)
+                         env=Path(args.env) if args.env else None, threads=args.threads, **_cap_options(args))
     out = export_repository(args.bundle, args.output, opts, overwrite=args.force)
     print(f"wrote {args.output}: model(s) {', '.join(out['models'])}")
     for note in out["notes"]:
@@ -568,48 +596,75 @@ def _export_triton(args) -> int:
 
 
 def _serve(args) -> int:
-    import signal
     import tempfile
-    import time
+    from pathlib import Path
+
+    from fastertrt.errors import InputError
+    from fastertrt.serve.server import TritonServer, check_not_running, default_log, hold_signals, release_signals
+
+    source = Path(args.source)
+    bundle = (source / "manifest.json").is_file()
+    if not bundle and not source.is_dir():
+        raise InputError(f"{source} is neither a bundle (a folder with manifest.json) nor a model repository "
+                         f"folder; give one, e.g. fastertrt serve minilm.bundle --env triton-env")
+    check_not_running(source)  # before exporting: the answer does not depend on it
+    hold_signals()  # SIGTERM/SIGHUP while exporting still clean the temporary repository
+    try:
+        with tempfile.TemporaryDirectory(prefix="fastertrt-repo-") as tmp:
+            repo, python = _serve_repository(args, source, bundle, Path(tmp) / "models")
+            server = TritonServer(repo, source=source, log=Path(args.log) if args.log else default_log(source),
+                                  ports=[args.http_port, args.grpc_port, args.metrics_port])
+            if python:
+                server.python = python
+            return _serve_until_stopped(server)
+    finally:
+        release_signals()
+
+
+def _serve_repository(args, source, bundle: bool, tmp):
+    """(repository, the environment's Python version or None)."""
     from pathlib import Path
 
     from fastertrt.serve.repository import TritonOptions, export_repository
-    from fastertrt.serve.server import TritonServer
 
-    source = Path(args.source)
-    python = None
-    with tempfile.TemporaryDirectory(prefix="fastertrt-repo-") as tmp:
-        if (source / "manifest.json").is_file():
-            opts = TritonOptions(max_batch=args.max_batch, instances=args.instances,
-                                 env=Path(args.env) if args.env else None)
-            python = export_repository(source, Path(tmp) / "models", opts)["python"]
-            repo = Path(tmp) / "models"
-        else:
-            repo = source
-            if args.env:
-                from fastertrt.serve.environment import check_env
+    env = Path(args.env) if args.env else None
+    if bundle:
+        opts = TritonOptions(max_batch=args.max_batch, instances=args.instances, env=env, **_cap_options(args))
+        return tmp, export_repository(source, tmp, opts)["python"]
+    if any(_cap_options(args).values()):
+        print("note: the caps options apply when serving a bundle; a repository keeps those in its config.pbtxt "
+              "(export it again with them)", file=sys.stderr)
+    if env:
+        from fastertrt.serve.environment import check_env
 
-                python = check_env(Path(args.env))["python"]
-        ports = [args.http_port, args.grpc_port, args.metrics_port]
-        server = TritonServer(repo, ports=ports if all(ports) else [])
-        if python:
-            server.python = python
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        return source, check_env(env)["python"]
+    return source, None
+
+
+def _serve_until_stopped(server) -> int:
+    """0 when stopped by Ctrl-C, SIGTERM or SIGHUP while serving; 128 + the signal
+    when interrupted while starting; 1 when the server exits by itself."""
+    import time
+
+    from fastertrt.serve.server import Interrupted
+
+    started = False
+    try:
         with server:
-            print(f"tritonserver (pid {server.pid}) serving {repo}\n  HTTP    http://{server.http}\n"
+            started = True
+            print(f"tritonserver (pid {server.pid}) serving {server.repository}\n  HTTP    http://{server.http}\n"
                   f"  gRPC    {server.grpc}\n  metrics http://{server.metrics}/metrics\n"
                   f"  log     {server.log}\nCtrl-C stops it.", flush=True)
-            try:
-                while not stop and server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-            if server.process.poll() is not None:
-                print(f"tritonserver exited ({server.process.returncode}); its log ends:\n{server.log_tail()}")
-                return 1
-        print("stopped")
-    return 0
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            print(f"tritonserver exited ({server.process.returncode}); its log ({server.log}) ends:\n"
+                  f"{server.log_tail()}")
+            return 1
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        how = "stopped" if started else "interrupted while starting; stopped"
+        print(f"tritonserver {how} ({'SIGINT' if signum == 2 else str(exc)}); log kept at {server.log}", flush=True)
+        return 0 if started else 128 + signum
 
 
 def _sign(args) -> int:
@@ -683,8 +738,14 @@ def _bench(args) -> int:
             from fastertrt.errors import InputError
 
             raise InputError("bench --triton needs the serving environment: --env ENV (fastertrt serve-env ENV)")
-        run_triton_bench(Path(args.bundle), Path(args.env), threads=args.threads,
-                         output=Path(args.output) if args.output else None)
+        from fastertrt.serve.server import Interrupted
+
+        try:
+            run_triton_bench(Path(args.bundle), Path(args.env), threads=args.threads,
+                             output=Path(args.output) if args.output else None)
+        except Interrupted as exc:  # the server was stopped on the way out
+            print(f"bench --triton stopped by {exc}", file=sys.stderr)
+            return 128 + exc.signum
         return 0
     from fastertrt.tools.bench import run_bench
 
