@@ -1,6 +1,7 @@
 """SIGTERM and SIGHUP as exceptions while fastertrt writes or serves something, so
-the same cleanup that runs on Ctrl-C runs when a job scheduler, `kill` or a closed
-terminal stops the process (Python's default is to die on the spot)."""
+the cleanup that runs on Ctrl-C (partial folders removed, a tritonserver stopped)
+also runs when a job scheduler, `kill` or a closed terminal stops the process
+(Python's default is to die on the spot)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,50 @@ import signal
 import threading
 
 
-class Terminated(BaseException):
-    """The process got SIGTERM or SIGHUP; `signum` says which. Exit status 128 + signum."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (a KeyboardInterrupt, so code that handles Ctrl-C
+    handles these the same way); `signum` says which. Exit status 128 + signum."""
 
     def __init__(self, signum: int):
+        self.signum = int(signum)
         super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 def _raise(signum, frame):
     raise Terminated(signum)
 
 
-@contextlib.contextmanager
-def terminate_raises(signums=(signal.SIGTERM, signal.SIGHUP)):
-    """Within the block, the signals raise Terminated (main thread only: Python
-    delivers signals there; elsewhere the block runs unchanged)."""
+_HELD = {"depth": 0, "saved": {}}
+
+
+def hold_signals() -> None:
+    """Make SIGTERM and SIGHUP raise Terminated until the matching release_signals()
+    (calls nest); only in the main thread, where Python delivers signals, and only
+    where nothing else handles them (an ignored SIGHUP under nohup stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
         return
-    previous = {s: signal.getsignal(s) for s in signums}
-    for s in signums:
-        if previous[s] in (signal.SIG_DFL, signal.default_int_handler) or previous[s] is None:
-            signal.signal(s, _raise)
+    if _HELD["depth"] == 0:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                _HELD["saved"][sig] = signal.signal(sig, _raise)
+    _HELD["depth"] += 1
+
+
+def release_signals() -> None:
+    if threading.current_thread() is not threading.main_thread() or _HELD["depth"] == 0:
+        return
+    _HELD["depth"] -= 1
+    if _HELD["depth"] == 0:
+        for sig, handler in _HELD["saved"].items():
+            signal.signal(sig, handler)
+        _HELD["saved"].clear()
+
+
+@contextlib.contextmanager
+def terminate_raises():
+    """hold_signals() for the block."""
+    hold_signals()
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        release_signals()

@@ -66,10 +66,11 @@ def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool
     return model
 
 
-def _ort_files(bundle: Path, manifest: dict, precision: str) -> dict:
-    """graph name -> the file ONNX Runtime runs for `precision`."""
+def _ort_files(bundle: Path, manifest: dict, precision: str | None) -> dict:
+    """graph name -> the file ONNX Runtime runs for `precision` (None: the bundle's default)."""
     from fastertrt.errors import BundleError
 
+    precision = precision or manifest.get("default_precision", "fp32")
     if precision in ("fp16", "bf16"):
         raise InputError(f"precision {precision} runs on the bundle's TensorRT engines only (built with fastertrt "
                          f"build --precision {precision}); on ONNX Runtime this bundle runs fp32"

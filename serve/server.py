@@ -5,7 +5,7 @@ loopback ports, waited on until ready, stopped by its PID.
 tritonserver runs in its own session (so stopping its process group also stops
 the Python backend's stubs), which means no terminal signal reaches it: every
 way out of the process that started it must stop it. start() stops it when
-waiting is interrupted; while one runs, SIGTERM and SIGHUP raise `Interrupted`
+waiting is interrupted; while one runs, SIGTERM and SIGHUP raise `fastertrt.signals.Terminated`
 in the main thread so `with` blocks and `finally` clauses run; an atexit hook
 catches the rest, and on Linux the server gets SIGTERM when its parent dies
 even by SIGKILL. Each running server is recorded (pid, ports, source, log) in
@@ -31,19 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastertrt.errors import FastertrtError, MissingDependencyError
+from fastertrt.signals import hold_signals, release_signals
 
 
 class ServerError(FastertrtError):
     """tritonserver did not start, or stopped."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived while a tritonserver ran (a KeyboardInterrupt, so
-    code that handles Ctrl-C handles these the same way)."""
-
-    def __init__(self, signum: int):
-        self.signum = int(signum)
-        super().__init__(signal.Signals(signum).name)
 
 
 def triton_home() -> Path:
@@ -198,36 +190,6 @@ def default_log(source: Path) -> Path:
 
 
 # --- signals --------------------------------------------------------------------
-_HELD = {"depth": 0, "saved": {}}
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def hold_signals() -> None:
-    """Make SIGTERM and SIGHUP raise Interrupted (their default ends Python at once,
-    with no cleanup) until release_signals(); only in the main thread, and only
-    where nothing else handles them (an ignored SIGHUP under nohup stays ignored)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if _HELD["depth"] == 0:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) == signal.SIG_DFL:
-                _HELD["saved"][sig] = signal.signal(sig, _raise_interrupted)
-    _HELD["depth"] += 1
-
-
-def release_signals() -> None:
-    if threading.current_thread() is not threading.main_thread() or _HELD["depth"] == 0:
-        return
-    _HELD["depth"] -= 1
-    if _HELD["depth"] == 0:
-        for sig, handler in _HELD["saved"].items():
-            signal.signal(sig, handler)
-        _HELD["saved"].clear()
-
-
 def _child_setup(mask):
     """preexec_fn: the signal mask the parent had before holding signals for the
     fork, and on Linux SIGTERM when the thread that started the server dies, which
@@ -386,6 +348,10 @@ class TritonServer:
                 except BaseException:  # a second Ctrl-C while it shuts down: no more patience
                     self._kill(signal.SIGKILL)
                     raise
+            if self.process is not None:
+                # a server stopped while it started its models leaves their Python-backend stubs behind
+                # (they wait for it, not for signals); they are still in its process group
+                self._kill(signal.SIGKILL)
         finally:
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)

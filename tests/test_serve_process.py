@@ -77,17 +77,29 @@ def _record(env, timeout: float = 60) -> dict:
     raise AssertionError(f"no tritonserver record in {folder} within {timeout} s")
 
 
+def _group(pgid: int) -> list[int]:
+    """Live processes of the server's process group (itself and its Python-backend stubs)."""
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
 def _assert_gone(pid: int, timeout: float = 30) -> None:
+    """The server and every stub it started are gone (they share its process group)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return
-        except psutil.NoSuchProcess:
+        if not _group(pid):
             return
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)  # do not leave it to the next test
-    raise AssertionError(f"tritonserver pid {pid} still runs {timeout} s after its fastertrt process ended")
+    left = _group(pid)
+    for other in left:
+        os.kill(other, signal.SIGKILL)  # do not leave them to the next test
+    raise AssertionError(f"tritonserver pid {pid} or its stubs ({left}) still run {timeout} s after fastertrt ended")
 
 
 def _assert_cleaned(env, log: Path) -> None:

@@ -460,12 +460,12 @@ def main(argv=None) -> int:
     except FastertrtError as exc:
         print(f"fastertrt {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:  # SIGTERM/SIGHUP: what was being written is removed on the way out
+        print(f"fastertrt {args.command}: {exc}; cleaned up", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated as exc:
-        print(f"fastertrt {args.command}: {exc}; cleaned up", file=sys.stderr)
-        return 128 + exc.signum
 
 
 def _compile(args) -> int:
@@ -600,7 +600,8 @@ def _serve(args) -> int:
     from pathlib import Path
 
     from fastertrt.errors import InputError
-    from fastertrt.serve.server import TritonServer, check_not_running, default_log, hold_signals, release_signals
+    from fastertrt.serve.server import TritonServer, check_not_running, default_log
+    from fastertrt.signals import hold_signals, release_signals
 
     source = Path(args.source)
     bundle = (source / "manifest.json").is_file()
@@ -644,9 +645,8 @@ def _serve_repository(args, source, bundle: bool, tmp):
 def _serve_until_stopped(server) -> int:
     """0 when stopped by Ctrl-C, SIGTERM or SIGHUP while serving; 128 + the signal
     when interrupted while starting; 1 when the server exits by itself."""
+    import signal
     import time
-
-    from fastertrt.serve.server import Interrupted
 
     started = False
     try:
@@ -661,9 +661,9 @@ def _serve_until_stopped(server) -> int:
                   f"{server.log_tail()}")
             return 1
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        signum = exc.signum if isinstance(exc, Terminated) else 2
         how = "stopped" if started else "interrupted while starting; stopped"
-        print(f"tritonserver {how} ({'SIGINT' if signum == 2 else str(exc)}); log kept at {server.log}", flush=True)
+        print(f"tritonserver {how} ({signal.Signals(signum).name}); log kept at {server.log}", flush=True)
         return 0 if started else 128 + signum
 
 
@@ -738,12 +738,10 @@ def _bench(args) -> int:
             from fastertrt.errors import InputError
 
             raise InputError("bench --triton needs the serving environment: --env ENV (fastertrt serve-env ENV)")
-        from fastertrt.serve.server import Interrupted
-
         try:
             run_triton_bench(Path(args.bundle), Path(args.env), threads=args.threads,
                              output=Path(args.output) if args.output else None)
-        except Interrupted as exc:  # the server was stopped on the way out
+        except Terminated as exc:  # the server was stopped on the way out
             print(f"bench --triton stopped by {exc}", file=sys.stderr)
             return 128 + exc.signum
         return 0
