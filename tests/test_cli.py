@@ -69,6 +69,21 @@ def test_cli_errors_are_named_and_short(tmp_path, capsys):
     assert "NotAModelError" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option, rule", [
+    (["run", "b.bundle", "--text", "x", "--threads", "-1"], "--threads", "positive integer"),
+    (["export-triton", "b.bundle", "-o", "repo", "--threads", "-3"], "--threads", "positive integer"),
+    (["calibrate", "b.bundle", "--calib-samples", "-5"], "--calib-samples", "positive integer"),
+    (["run", "b.bundle", "--text", "x", "--max-new-tokens", "two"], "--max-new-tokens", "not an integer"),
+    (["serve", "b.bundle", "--http-port", "70000"], "--http-port", "not a TCP port"),
+])
+def test_bad_numbers_are_one_line_usage_errors(argv, option, rule, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and f"argument {option}" in error[0] and rule in error[0], error
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_bench_writes_json_with_torch_and_runtime_rows(bundles, tmp_path, family, capsys):
     bundle = bundles.tiny(family)
