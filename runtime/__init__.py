@@ -75,7 +75,7 @@ def _ort_files(bundle: Path, manifest: dict, precision: str | None) -> dict:
         raise InputError(f"precision {precision} runs on the bundle's TensorRT engines only (built with fastertrt "
                          f"build --precision {precision}); on ONNX Runtime this bundle runs fp32"
                          + (" or int8" if manifest.get("int8") else "") + ". Pass precision='fp32', or "
-                         f"backend='tensorrt' on a GPU with the engine's TensorRT")
+                         "backend='tensorrt' on a GPU with the engine's TensorRT")
     if precision != "int8":  # the ORT variant (ORT's own fused operators) where the bundle has one
         return {name: g.get("ort_file", g["file"]) for name, g in manifest["graphs"].items()}
     int8 = manifest.get("int8", {}).get("graphs", {})

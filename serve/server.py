@@ -171,8 +171,8 @@ def check_not_running(source: Path) -> None:
         by = f"fastertrt pid {owner}, still running" if owner and _alive(owner) else f"fastertrt pid {owner}, gone"
         http, grpc, metrics = rec["ports"]
         raise ServerError(f"a tritonserver (pid {rec['pid']}) from an earlier fastertrt serve ({by}) still serves "
-                          f"{Path(source).resolve()} on ports http {http}, grpc {grpc}, metrics {metrics}; stop it with: "
-                          f"kill {rec['pid']}")
+                          f"{Path(source).resolve()} on ports http {http}, grpc {grpc}, metrics {metrics}; "
+                          f"stop it with: kill {rec['pid']}")
 
 
 def _alive(pid: int) -> bool:

@@ -8,7 +8,8 @@ import pytest
 
 from fastertrt.tools.cli import main
 
-COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench", "compare", "export-triton", "serve", "serve-env", "sign")
+COMMANDS = ("compile", "build", "calibrate", "run", "inspect", "bench", "compare", "export-triton", "serve",
+            "serve-env", "sign")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

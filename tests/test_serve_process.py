@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from test_serve import _serve_env
 
 CLI = [sys.executable, "-m", "fastertrt.tools.cli"]

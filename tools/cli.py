@@ -309,7 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=positive_int, default=32, help="decoders: tokens to generate (default 32)")
     r.add_argument("--min-new-tokens", type=count_int, default=0, help="decoders: no eos before this many tokens")
     r.add_argument("--num-beams", type=positive_int, default=1, help="decoders: beam width (default 1: greedy)")
-    r.add_argument("--num-return-sequences", type=positive_int, default=1, help="decoders: best beams to print per prompt")
+    r.add_argument("--num-return-sequences", type=positive_int, default=1,
+                   help="decoders: best beams to print per prompt")
     r.add_argument("--length-penalty", type=float, default=1.0,
                    help="decoders: beam scores are divided by length ** this (default 1.0; < 0 favours short)")
     r.add_argument("--early-stopping", choices=("true", "false", "never"), default="false",
@@ -317,7 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eos", type=count_int, action="append", default=None, help="decoders: eos token id (repeatable; "
                    "default: the model's)")
     r.add_argument("--stream", action="store_true", help="decoders, greedy: print tokens as they come")
-    r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    r.add_argument("--threads", type=positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
     r.add_argument("--trusted-key", action="append", default=None, metavar="KEY.pub",
                    help="run only if the bundle carries a valid signature by this Ed25519 public key (repeatable; "
@@ -370,7 +372,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(polygraphy's RunResults format)")
     cp.add_argument("--layers", choices=("auto", "all", "none"), default="auto", help="first-bad-layer search: "
                     "for failing pairs (auto, default), for every pair of ONNX stages (all), or none")
-    cp.add_argument("--max-tokens", type=positive_int, default=64, help="truncate sample inputs to this many tokens (default 64)")
+    cp.add_argument("--max-tokens", type=positive_int, default=64,
+                    help="truncate sample inputs to this many tokens (default 64)")
     cp.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     cp.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG of the error per layer of each "
                     "layer search")
@@ -438,7 +441,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="decoder: beam widths to time, repeatable (default: 1 and 4, i.e. greedy and beam-4)")
     b.add_argument("--repeats", type=positive_int, default=None, help="timed runs (default: 20 encoder, 3 decoder)")
     b.add_argument("--warmup", type=count_int, default=None, help="untimed runs first (default: 3 encoder, 1 decoder)")
-    b.add_argument("--threads", type=positive_int, default=None, help="threads for torch and ONNX Runtime (default: all cores)")
+    b.add_argument("--threads", type=positive_int, default=None,
+                   help="threads for torch and ONNX Runtime (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch rows")
     b.add_argument("--triton", action="store_true", help="encoders: requests/s and p50/p99 latency through a "
                    "local tritonserver at concurrency 1, 8, 32 against the in-process runtime (needs --env)")
