@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -136,10 +137,12 @@ def _libc():
     return _LIBC[0]
 
 
-def _pid_of(name: str, prefix: str, suffix: str) -> int | None:
-    middle = name[len(prefix):-len(suffix)] if suffix else name[len(prefix):]
-    pid = middle.split(".", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _leftovers(out: Path, suffix: str, random_part: bool) -> list[tuple[Path, int]]:
+    """(path, pid) of `out`'s own leftovers: .NAME.PID.xxxx.partial or .NAME.PID.old.
+    The whole name must match: `.model.60.123.old` belongs to the output `model.60`."""
+    middle = r"\.[A-Za-z0-9_]+" if random_part else ""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+){middle}\.{suffix}")
+    return [(p, int(m.group(1))) for p in sorted(out.parent.iterdir()) if (m := pattern.fullmatch(p.name))]
 
 
 def clean_stale(out: Path) -> None:
@@ -147,15 +150,13 @@ def clean_stale(out: Path) -> None:
     folders (.NAME.PID.xxxx.partial) of dead pids, and an old copy (.NAME.PID.old)
     from a swap cut in the middle, put back when `out` itself is gone. Called with
     the lock held, so no live writer of `out` is mid-swap."""
-    for p in sorted(out.parent.glob(f".{out.name}.*.partial")):
-        pid = _pid_of(p.name, f".{out.name}.", ".partial")
-        if pid is not None and not pid_alive(pid):
+    for p, pid in _leftovers(out, "partial", random_part=True):
+        if not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             print(f"fastertrt: removed {p.name}, an unfinished output left by pid {pid} (no longer running)",
                   file=sys.stderr)
-    for p in sorted(out.parent.glob(f".{out.name}.*.old")):
-        pid = _pid_of(p.name, f".{out.name}.", ".old")
-        if pid is None or pid_alive(pid):
+    for p, pid in _leftovers(out, "old", random_part=False):
+        if pid_alive(pid):
             continue
         if not os.path.lexists(out):
             os.rename(p, out)
@@ -251,6 +252,9 @@ def updating(bundle, wait: bool = False):
 
     bundle = Path(bundle).resolve()
     read_manifest(bundle)  # a missing or foreign folder fails before any lock file is made next to it
+    if _within(Path.cwd().resolve(), bundle):
+        raise OutputRefusedError(f"the working directory is inside {bundle}, which this command replaces whole; "
+                                 f"run it from outside the bundle folder (cd {bundle.parent})")
     with BundleLock(bundle, wait=wait, what=_command()):
         manifest = read_manifest(bundle)
         verify_files(bundle, manifest)

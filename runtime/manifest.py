@@ -74,7 +74,7 @@ def read_manifest(bundle: Path, trusted_keys=None) -> dict:
             f"{manifest.get('fastertrt_version', '?')}. Upgrade fastertrt (pip install -U fastertrt) "
             f"or recompile the model with this version."
         )
-    if trusted_keys:
+    if trusted_keys is not None:
         check_signature(bundle, manifest, manifest_digest(manifest), list(trusted_keys))
     validate_manifest(manifest, str(path))
     check_confined(bundle, manifest)

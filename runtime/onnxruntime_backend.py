@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastertrt.errors import BundleError
 from fastertrt.runtime.inputs import check_feeds
 
 
@@ -23,7 +24,12 @@ class OrtGraph:
         opts.log_severity_level = 3
         self.spec = spec
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types carry the reason
+            raise BundleError(f"ONNX Runtime cannot load the bundle's graph {self.path.name}: "
+                              f"{str(exc).strip()[:400]}. The file is damaged, names weights outside the bundle, "
+                              f"or needs another ONNX Runtime; recompile the bundle") from None
         self.input_names = [t["name"] for t in spec["inputs"]]
         self.output_names = [t["name"] for t in spec["outputs"]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastertrt.errors import InputError
+from fastertrt.errors import BundleError, InputError
 
 
 class TextTokenizer:
@@ -30,7 +30,11 @@ class TextTokenizer:
 def _load(path: Path):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for bad JSON
+        raise BundleError(f"the bundle's tokenizer {Path(path).name} cannot be read ({exc}); the file is damaged "
+                          f"or not a `tokenizers` tokenizer.json. Recompile the bundle") from None
     tok.no_padding()
     tok.no_truncation()
     return tok

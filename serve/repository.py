@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastertrt.errors import InputError
+from fastertrt.errors import InputError, OutputRefusedError
 
 KINDS = ("cpu", "gpu")
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -247,9 +247,12 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
     if manifest["kind"] == "decoder":
         models.append(f"{name}_stream")
     check_output(output, overwrite, kinds=("repository",))
+    foreign = _entries_not_written_by_us(Path(output)) if overwrite else []
+    if foreign:
+        raise OutputRefusedError(f"{Path(output).resolve()} is a repository fastertrt wrote, but it now also holds "
+                                 f"{', '.join(foreign[:5])}, which fastertrt did not write; --force would delete "
+                                 f"them. Move them out first, or export into another folder")
     with staging(Path(output), overwrite, kinds=("repository",)) as stage:
-        (stage / REPOSITORY_MARKER).write_text(json.dumps({"written_by": "fastertrt export-triton",
-                                                           "bundle": str(bundle.resolve())}) + "\n")
         for model in models:
             version = stage / model / "1"
             version.mkdir(parents=True)
@@ -268,7 +271,22 @@ def export_repository(bundle, output, opts: TritonOptions | None = None, overwri
             notes.append("the bundle's engines hold fastertrt's Python plugins (or were built by TensorRT-RTX), "
                          "which Triton's tensorrt_plan platform cannot load: serve them with the python-backend "
                          f"model {name} (--kind gpu)")
+        (stage / REPOSITORY_MARKER).write_text(json.dumps({"written_by": "fastertrt export-triton", "models": models,
+                                                           "bundle": str(bundle.resolve())}) + "\n")
     return {"name": name, "models": models, "notes": notes, "python": opts.python}
+
+
+def _entries_not_written_by_us(repo: Path) -> list[str]:
+    """Top-level entries of an existing repository that its marker does not list (a user's own models)."""
+    from fastertrt.compiler.bundle import REPOSITORY_MARKER
+
+    if not (repo / REPOSITORY_MARKER).is_file():
+        return []
+    try:
+        ours = set(json.loads((repo / REPOSITORY_MARKER).read_text()).get("models", []))
+    except (ValueError, OSError, AttributeError):
+        ours = set()
+    return sorted(p.name for p in repo.iterdir() if p.name != REPOSITORY_MARKER and p.name not in ours)
 
 
 def _plan_model(stage: Path, name: str, engine: dict, bundle: Path, opts: TritonOptions) -> str:

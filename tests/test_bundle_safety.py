@@ -97,6 +97,10 @@ def test_export_triton_force_replaces_only_a_repository(bundles, tmp_path):
     repo = tmp_path / "models"
     export_repository(bundles.tiny("bert"), repo)
     export_repository(bundles.tiny("bert"), repo, overwrite=True)  # its own repository: replaced
+    (repo / "my_own_model").mkdir()  # a user's model next to fastertrt's: --force would delete it
+    with pytest.raises(errors.OutputRefusedError, match="my_own_model, which fastertrt did not write"):
+        export_repository(bundles.tiny("bert"), repo, overwrite=True)
+    assert (repo / "my_own_model").is_dir()
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "index.html").write_text("<p>")
     with pytest.raises(errors.OutputRefusedError, match="not a fastertrt repository"):
@@ -168,6 +172,17 @@ def test_concurrent_builds_lock_the_bundle(bundles, tmp_path):
     load(bundle, backend="onnxruntime")  # the final bundle's hashes hold
 
 
+def test_a_symlink_at_the_lock_name_is_never_written_through(tmp_path):
+    from fastertrt.bundle.lock import BundleLock
+
+    (tmp_path / "precious.txt").write_text("user data")
+    (tmp_path / ".b.bundle.lock").symlink_to(tmp_path / "precious.txt")
+    with pytest.raises(errors.BundleLockedError, match="must be a plain file"):
+        BundleLock(tmp_path / "b.bundle").acquire()
+    assert (tmp_path / "precious.txt").read_text() == "user data"
+    assert (tmp_path / ".b.bundle.lock").is_symlink()
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     from fastertrt.bundle.lock import BundleLock
 
@@ -203,9 +218,15 @@ def test_stale_partial_folders_of_dead_runs_are_removed(bundles, tmp_path, capsy
     (stale / "model.onnx").write_bytes(b"half")
     live = tmp_path / f".b.bundle.{os.getpid()}.live0000.partial"  # a live pid's: not ours to remove
     live.mkdir()
+    # another output's files: `b.bundle.60` is not `b.bundle`, though its names start alike
+    sibling_stage = tmp_path / f".b.bundle.{dead.pid}.{os.getpid()}.abcd.partial"
+    sibling_old = tmp_path / f".b.bundle.{dead.pid}.{os.getpid()}.old"
+    sibling_stage.mkdir()
+    sibling_old.mkdir()
     with staging(tmp_path / "b.bundle") as stage:
         (stage / "x").write_text("x")
     assert not stale.exists() and live.exists()
+    assert sibling_stage.exists() and sibling_old.exists()
     assert f"left by pid {dead.pid}" in capsys.readouterr().err
 
 
@@ -258,6 +279,8 @@ def test_signed_bundles_load_only_with_a_trusted_key(bundles, tmp_path, capsys):
     _, other = new_key(tmp_path / "other.key")
     with pytest.raises(errors.SignatureError, match="not signed"):
         load(bundle, trusted_keys=[team])
+    with pytest.raises(errors.InputError, match="trusted_keys is empty"):
+        load(bundle, trusted_keys=[])  # never "no keys, so no check"
     assert main(["sign", str(bundle), "--key", str(tmp_path / "team.key")]) == 0
     assert load(bundle, trusted_keys=[team]).encode([[5, 6]])["last_hidden_state"].shape == (1, 2, 32)
     with pytest.raises(errors.SignatureError, match="no valid signature by a trusted key"):
@@ -336,6 +359,39 @@ def test_a_damaged_manifest_names_its_key_path(change, match, pristine, tmp_path
     assert main(["inspect", str(bundle)]) == 1  # described as far as possible, never a traceback
     out = capsys.readouterr().out
     assert "PROBLEM BundleSchemaError" in out and "on disk" in out
+
+
+def test_consistent_but_broken_bundles_get_named_errors(bundles, tmp_path):
+    """Files whose hashes an attacker fixed up, and values only the graphs contradict."""
+    cases = {
+        "input_names": (lambda b: _rewrite(b, _set(["model", "input_names"], ["input_ids", "foo"])),
+                        errors.BundleSchemaError, r"model.input_names\[1\] names 'foo'"),
+        "max_length": (lambda b: _rewrite(b, _set(["model", "max_length"], 10 ** 30)),
+                       errors.BundleSchemaError, "model.max_length must be below 2\\*\\*31"),
+        "tokenizer": (lambda b: _replace_file(b, "tokenizer/tokenizer.json", b'{"x": 1}'),
+                      errors.BundleError, "tokenizer tokenizer.json cannot be read"),
+        "graph": (lambda b: _replace_file(b, "fused.onnx", b"not onnx"),
+                  errors.BundleError, "ONNX Runtime cannot load the bundle's graph fused.onnx"),
+    }
+    for name, (damage, error, match) in cases.items():
+        bundle = _copy(bundles.tiny("bert"), tmp_path / f"{name}.bundle")
+        damage(bundle)
+        with pytest.raises(error, match=match):
+            load(bundle)
+
+
+def _replace_file(bundle: Path, rel: str, data: bytes) -> None:
+    (bundle / rel).write_bytes(data)
+    _rewrite(bundle, lambda m: m["files"][rel].update(sha256=sha256_file(bundle / rel), bytes=len(data)))
+
+
+def test_build_and_calibrate_refuse_to_run_from_inside_the_bundle(bundles, tmp_path, monkeypatch):
+    from fastertrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
+    bundle = _copy(bundles.tiny("bert"), tmp_path / "b.bundle")
+    monkeypatch.chdir(bundle)
+    with pytest.raises(errors.OutputRefusedError, match="run it from outside the bundle folder"):
+        calibrate_bundle(".", CalibrationOptions())
 
 
 def test_load_says_which_precision_runs_and_refuses_unknown_ones(bundles):

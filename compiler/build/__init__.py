@@ -93,7 +93,9 @@ def add_engines(stage: Path, manifest: dict, opts: BuildOptions, progress=None) 
 
             entry["built_on_cc"] = gpu_compute_capability()
             layers_file = path.with_suffix(".layers.json")
-            layers_file.write_text(json.dumps(inspect_engine(backend, data), indent=1))
+            tmp = layers_file.with_name(layers_file.name + ".tmp")  # the staged file is a link to the old bundle's
+            tmp.write_text(json.dumps(inspect_engine(backend, data), indent=1))
+            os.replace(tmp, layers_file)
             entry["engine_layers_file"] = layers_file.relative_to(stage).as_posix()
         engines.append(entry)
         progress.info(f"    {rel}: {len(data) / 1e6:.1f} MB in {summary['build_seconds']:.1f} s, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,16 @@ class BundleLock:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         said = False
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:  # ELOOP: a symlink planted at the lock's name must not be written through
+                raise BundleLockedError(f"cannot use the lock file {self.path} ({exc.strerror}): it must be a plain "
+                                        f"file fastertrt creates; remove it if no fastertrt run is writing "
+                                        f"{self.target}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise BundleLockedError(f"{self.path} is not a plain file; remove it if no fastertrt run is writing "
+                                        f"{self.target}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -77,7 +87,7 @@ class BundleLock:
             # the holder before us may have removed the file while we waited for it: lock the file
             # that is at the path now, or two writers would hold two different inodes
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if not same:
@@ -98,7 +108,8 @@ class BundleLock:
         if self.fd is None:
             return
         try:
-            os.unlink(self.path)  # while still holding it: a waiter then re-checks the inode (above)
+            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:  # only the file we locked
+                os.unlink(self.path)  # while still holding it: a waiter then re-checks the inode (above)
         except FileNotFoundError:
             pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)

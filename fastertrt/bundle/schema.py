@@ -55,6 +55,13 @@ def Positive(value, path):
     Int(value, path, low=1)
 
 
+def Size(value, path):
+    """A positive size that numpy and the graphs can hold (int32 dims)."""
+    Int(value, path, low=1)
+    if value >= 1 << 31:
+        raise _Problem(path, f"must be below 2**31, found {value}")
+
+
 def Bool(value, path):
     if not isinstance(value, bool):
         raise _Problem(path, f"must be true or false, found {_show(value)}")
@@ -165,9 +172,9 @@ Engine = Obj({"graph": Str, "file": RelPath, "backend": Enum(*ENGINE_BACKENDS), 
               "layer_types": Map(Count), "output_precisions": Map(Count), "build_seconds": Num,
               "inputs": List(Tensor), "outputs": List(Tensor)})
 Model = Obj({}, {"family": Str, "model_type": Opt(Str), "source": Obj({}, {"kind": Str, "ref": Opt(Str)}),
-                 "config_sha256": Opt(Str), "max_length": Positive, "vocab_size": Positive,
-                 "input_names": List(Str, 1), "num_layers": Positive, "num_kv_heads": Positive, "head_dim": Positive,
-                 "beam_candidates": Positive, "eos_token_id": List(Count), "pad_token_id": Opt(Count),
+                 "config_sha256": Opt(Str), "max_length": Size, "vocab_size": Size,
+                 "input_names": List(Str, 1), "num_layers": Size, "num_kv_heads": Size, "head_dim": Size,
+                 "beam_candidates": Size, "eos_token_id": List(Count), "pad_token_id": Opt(Count),
                  "bos_token_id": Opt(Count), "pooling": Any})
 Tokenizer = Obj({"file": RelPath}, {"pad_token_id": Opt(Count), "model_max_length": Opt(Count)})
 Int8 = Obj({"graphs": Map(Obj({"file": RelPath}, {"ort_file": RelPath, "files": List(RelPath)}), 1)},
@@ -230,6 +237,12 @@ def _check_consistency(manifest: dict) -> None:
     for key in _KIND_MODEL_KEYS[kind]:
         if key not in manifest["model"]:
             raise _Problem(f"model.{key}", f"is missing (a {kind} bundle needs it)")
+    if kind == "encoder":
+        takes = [t["name"] for t in manifest["graphs"]["encoder"]["inputs"]]
+        for i, name in enumerate(manifest["model"]["input_names"]):
+            if name not in takes:
+                raise _Problem(f"model.input_names[{i}]", f"names {name!r}, which graphs.encoder does not take "
+                                                          f"(it takes {takes})")
     for i, e in enumerate(manifest.get("engines", [])):
         if e["graph"] not in manifest["graphs"]:
             raise _Problem(f"engines[{i}].graph", f"names {e['graph']!r}, which is not one of the bundle's graphs")

@@ -123,6 +123,10 @@ def _signatures(path: Path, bundle) -> list:
 def check_signature(bundle, manifest: dict, digest: str, trusted_keys) -> str:
     """Return the key id of a trusted key whose signature holds; SignatureError otherwise.
     `digest` is the manifest's sha256 recomputed from its content by the caller."""
+    if not trusted_keys:
+        raise InputError("trusted_keys is empty: pass at least one public key, or None to load without a "
+                         "signature check (an empty list would silently accept any bundle)")
+    _crypto()
     from cryptography.exceptions import InvalidSignature
 
     trusted = {key_id(k): k for k in (load_public_key(s) for s in trusted_keys)}
