@@ -157,10 +157,30 @@ def running_servers(source: Path) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError):
             rec, alive = None, False
         if not alive:
+            if rec is not None:
+                _kill_orphan_stubs(rec.get("pid"))
             path.unlink(missing_ok=True)
         elif Path(rec["source"]) == source:
             live.append(rec)
     return live
+
+
+def _kill_orphan_stubs(pgid) -> None:
+    """Python-backend stubs left in a dead server's process group: a server stopped
+    while it started its models (by a parent-death signal, say) leaves them waiting
+    for it. Only processes of that group that are Triton stubs are killed."""
+    if not isinstance(pgid, int) or pgid <= 1 or not Path("/proc").is_dir():
+        return
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            pid = int(proc.name)
+            stub = b"triton_python_backend_stub" in (proc / "cmdline").read_bytes().split(b"\0")[0]
+            if stub and os.getpgid(pid) == pgid:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def check_not_running(source: Path) -> None:
