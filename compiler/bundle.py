@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -34,8 +35,6 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-# What --force may replace: a fastertrt bundle, or a Triton repository fastertrt wrote.
-REPLACEABLE = ("bundle", "repository")
 REPOSITORY_MARKER = ".fastertrt-repository.json"  # written by export-triton into each repository
 
 
@@ -66,6 +65,13 @@ def _what_is_there(path: Path) -> str:
         return "an empty folder"
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     return f"a folder with {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def _replaceable(path: Path, kinds: tuple) -> bool:
+    """What --force may replace: an output fastertrt wrote of one of `kinds`, or an empty folder."""
+    if output_kind(path) in kinds:
+        return True
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -101,7 +107,7 @@ def check_output(out, overwrite: bool, source: Path | None = None, kinds: tuple 
     if not overwrite:
         raise OutputExistsError(f"{target} already exists; pass --force (overwrite=True) to replace it, or pick "
                                 f"another -o")
-    if output_kind(out) not in kinds and _what_is_there(out) != "an empty folder":
+    if not _replaceable(out, kinds):
         wanted = " or ".join(f"a fastertrt {k}" for k in kinds)
         raise OutputRefusedError(f"{target} is {_what_is_there(out)}, not {wanted}; --force replaces only "
                                  f"those. Nothing was changed: move it away yourself, or pick another -o")
@@ -124,17 +130,14 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-_LIBC = []
-
-
+@functools.cache
 def _libc():
-    if not _LIBC:
-        try:
-            lib = ctypes.CDLL(None, use_errno=True)
-            _LIBC.append(lib if hasattr(lib, "renameat2") else None)
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
+    """The C library when it has renameat2, else None."""
+    try:
+        lib = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "renameat2") else None
 
 
 def _leftovers(out: Path, suffix: str, random_part: bool) -> list[tuple[Path, int]]:
@@ -171,7 +174,7 @@ def _swap(stage: Path, out: Path, overwrite: bool, kinds: tuple) -> None:
     """Put `stage` at `out`. Whatever is at `out` now is re-checked: only a replaceable
     output is replaced (and put back if the swap fails); anything that appeared
     while the run worked is left alone and the result is kept beside it."""
-    if os.path.lexists(out) and overwrite and (output_kind(out) in kinds or _what_is_there(out) == "an empty folder"):
+    if os.path.lexists(out) and overwrite and _replaceable(out, kinds):
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.rename(out, old)
         try:

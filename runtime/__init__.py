@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from fastertrt.bundle.schema import PRECISIONS
 from fastertrt.errors import InputError
+from fastertrt.runtime.inputs import int_option
 from fastertrt.runtime.manifest import read_manifest, verify_files
 from fastertrt.runtime.models import Decoder, Encoder, Generation, ModuleRunner
 
@@ -38,9 +37,8 @@ def load(bundle, backend: str = "auto", threads: int | None = None, verify: bool
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS} (or None: the bundle's default), got {precision!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
-                                or threads < 1):
-        raise InputError(f"threads must be an integer >= 1 (or None: all cores), got {threads!r}")
+    if threads is not None:
+        threads = int_option("threads (None: all cores)", threads, low=1)
     if trusted_keys is not None and not verify:
         raise InputError("trusted_keys checks the signature over the file hashes; it cannot be used with verify=False")
     if isinstance(trusted_keys, (str, bytes, os.PathLike)):

@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastertrt.bundle.lock import pid_alive
 from fastertrt.errors import FastertrtError, MissingDependencyError
 from fastertrt.signals import hold_signals, release_signals
 
@@ -188,19 +189,11 @@ def check_not_running(source: Path) -> None:
     `source` left running (or that still serves it from another terminal)."""
     for rec in running_servers(source):
         owner = rec.get("owner")
-        by = f"fastertrt pid {owner}, still running" if owner and _alive(owner) else f"fastertrt pid {owner}, gone"
+        by = f"fastertrt pid {owner}, still running" if pid_alive(owner) else f"fastertrt pid {owner}, gone"
         http, grpc, metrics = rec["ports"]
         raise ServerError(f"a tritonserver (pid {rec['pid']}) from an earlier fastertrt serve ({by}) still serves "
                           f"{Path(source).resolve()} on ports http {http}, grpc {grpc}, metrics {metrics}; "
                           f"stop it with: kill {rec['pid']}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def default_log(source: Path) -> Path:

@@ -435,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", default=None, help="JSON file to write (default: BUNDLE/../bench-NAME.json)")
     b.add_argument("--batch", type=positive_int, action="append", help="encoder batch sizes (default: 1 and 8)")
     b.add_argument("--seq", type=positive_int, default=128, help="encoder sequence length (default 128)")
-    b.add_argument("--new-tokens", type=positive_int, default=32, help="decoder: new tokens per generation (default 32)")
+    b.add_argument("--new-tokens", type=positive_int, default=32,
+                   help="decoder: new tokens per generation (default 32)")
     b.add_argument("--prompt-len", type=positive_int, default=16, help="decoder: prompt tokens (default 16)")
     b.add_argument("--num-beams", type=positive_int, action="append", default=None,
                    help="decoder: beam widths to time, repeatable (default: 1 and 4, i.e. greedy and beam-4)")
@@ -604,8 +605,8 @@ def _serve(args) -> int:
     from pathlib import Path
 
     from fastertrt.errors import InputError
-    from fastertrt.serve.server import TritonServer, check_not_running, default_log
-    from fastertrt.signals import hold_signals, release_signals
+    from fastertrt.serve.server import TritonServer, check_not_running
+    from fastertrt.signals import terminate_raises
 
     source = Path(args.source)
     bundle = (source / "manifest.json").is_file()
@@ -613,17 +614,14 @@ def _serve(args) -> int:
         raise InputError(f"{source} is neither a bundle (a folder with manifest.json) nor a model repository "
                          f"folder; give one, e.g. fastertrt serve minilm.bundle --env triton-env")
     check_not_running(source)  # before exporting: the answer does not depend on it
-    hold_signals()  # SIGTERM/SIGHUP while exporting still clean the temporary repository
-    try:
-        with tempfile.TemporaryDirectory(prefix="fastertrt-repo-") as tmp:
-            repo, python = _serve_repository(args, source, bundle, Path(tmp) / "models")
-            server = TritonServer(repo, source=source, log=Path(args.log) if args.log else default_log(source),
-                                  ports=[args.http_port, args.grpc_port, args.metrics_port])
-            if python:
-                server.python = python
-            return _serve_until_stopped(server)
-    finally:
-        release_signals()
+    # SIGTERM/SIGHUP while exporting still clean the temporary repository
+    with terminate_raises(), tempfile.TemporaryDirectory(prefix="fastertrt-repo-") as tmp:
+        repo, python = _serve_repository(args, source, bundle, Path(tmp) / "models")
+        server = TritonServer(repo, source=source, log=Path(args.log) if args.log else None,
+                              ports=[args.http_port, args.grpc_port, args.metrics_port])
+        if python:
+            server.python = python
+        return _serve_until_stopped(server)
 
 
 def _serve_repository(args, source, bundle: bool, tmp):
