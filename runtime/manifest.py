@@ -17,8 +17,16 @@ from fastertrt.errors import BundleIntegrityError, BundleNotFoundError, BundleSc
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-__all__ = ["KINDS", "MANIFEST_NAME", "SCHEMA_VERSION", "read_manifest", "verify_files", "file_entries",
-           "manifest_digest", "sha256_file"]
+__all__ = [
+    "KINDS",
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "file_entries",
+    "manifest_digest",
+    "read_manifest",
+    "sha256_file",
+    "verify_files",
+]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

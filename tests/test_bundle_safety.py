@@ -111,10 +111,10 @@ def test_export_triton_force_replaces_only_a_repository(bundles, tmp_path):
 # --- the final swap -----------------------------------------------------------------------
 def test_a_file_made_at_the_output_during_the_run_is_kept(tmp_path):
     out = tmp_path / "x.bundle"
-    with pytest.raises(errors.OutputExistsError, match="appeared while this run was working.*kept at"):
-        with staging(out) as stage:
-            (stage / "result.txt").write_text("new")
-            out.write_text("someone else's file")
+    with (pytest.raises(errors.OutputExistsError, match="appeared while this run was working.*kept at"),
+          staging(out) as stage):
+        (stage / "result.txt").write_text("new")
+        out.write_text("someone else's file")
     assert out.read_text() == "someone else's file"
     kept = list(tmp_path.glob("x.bundle.new-*"))
     assert len(kept) == 1 and (kept[0] / "result.txt").read_text() == "new"
@@ -131,9 +131,8 @@ def test_a_failed_swap_restores_the_old_bundle(bundles, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bundle_module, "_rename_noreplace", fail)
-    with pytest.raises(OSError, match="No space left"):
-        with staging(out, overwrite=True) as stage:
-            (stage / "manifest.json").write_text("{}")
+    with pytest.raises(OSError, match="No space left"), staging(out, overwrite=True) as stage:
+        (stage / "manifest.json").write_text("{}")
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle"]
 
@@ -156,8 +155,8 @@ def test_concurrent_builds_lock_the_bundle(bundles, tmp_path):
 
     bundle = _copy(bundles.tiny("bert"), tmp_path / "b.bundle")
     with BundleLock(bundle, what="the test"):
-        refused = subprocess.run(CLI + ["build", str(bundle), "--precision", "fp16", "-q"], capture_output=True,
-                                 text=True)
+        refused = subprocess.run(CLI + ["build", str(bundle), "--precision", "fp16", "-q"], check=False,
+                                 capture_output=True, text=True)
         queued = [subprocess.Popen(CLI + ["build", str(bundle), "--precision", p, "--wait", "-q"],
                                    stderr=subprocess.PIPE, text=True) for p in ("fp16", "fp32")]
         time.sleep(3)
@@ -192,9 +191,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     with BundleLock(tmp_path / "b.bundle"):
         pass
     assert f"left by pid {dead.pid}" in capsys.readouterr().err
-    with BundleLock(tmp_path / "b.bundle"):
-        with pytest.raises(errors.BundleLockedError, match=f"pid {os.getpid()}"):
-            BundleLock(tmp_path / "b.bundle").acquire()
+    with BundleLock(tmp_path / "b.bundle"), pytest.raises(errors.BundleLockedError, match=f"pid {os.getpid()}"):
+        BundleLock(tmp_path / "b.bundle").acquire()
 
 
 # --- SIGTERM and leftovers ------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_decoder_from_threads(bundles):
     cases = []
     for i in range(THREADS * CALLS):
         prompts = [rng.integers(4, 99, size=int(rng.integers(2, 9))).tolist() for _ in range(1 + i % 3)]
-        cases.append((prompts, dict(max_new_tokens=2 + i % 5, num_beams=(1, 2, 3)[i % 3], pad_token_id=0)))
+        cases.append((prompts, {"max_new_tokens": 2 + i % 5, "num_beams": (1, 2, 3)[i % 3], "pad_token_id": 0}))
     want = [dec.generate(p, **kw) for p, kw in cases]
     got = run_threaded(lambda c: dec.generate(c[0], **c[1]), cases)
     for g, w in zip(got, want):
